@@ -19,11 +19,11 @@ class Encoder(tf.keras.layers.Layer):
     L2 normalisation makes long and short histories comparable; input dropout (Mult-VAE's
     denoising) makes the model infer held-out items from the rest.
 
-    Inputs: x, either dense `[batch, num_items]` or sparse — (indices, values, counts), each
-    `[batch, n]`, from `ItemMultiHot.sparse` (index 0 = padding/unknown, 1 + item index
-    otherwise; a repeated item's value split over its positions) — and c `[batch,
-    condition_dim]` or None. Input dropout drops positions (items, unless repeated).
-    Outputs: z_mean, z_log_var, each `[batch, latent_dim]` float32.
+    Inputs: x, either dense `[batch, num_items]` or sparse — (indices, values), each
+    `[batch, n]`, from `ItemMultiHot.sparse` (index 0 = padding, unknown or repeated, 1 + item
+    index otherwise) — and c `[batch, condition_dim]` or None. `binary=True` says the sparse
+    values are all 1 (no history weights), which lets the first layer take its fast path.
+    Input dropout drops items. Outputs: z_mean, z_log_var, each `[batch, latent_dim]` float32.
 
     Why sparse: the first layer's x·W costs batch × num_items × units as a dense matmul, but
     only batch × n × units as a sparse product with the n history rows of W (n ≈ 150 of 27k items
@@ -71,18 +71,25 @@ class Encoder(tf.keras.layers.Layer):
         return self.history_kernel
 
     def call(
-        self, x: Any, c: tf.Tensor | None, training: bool = False
+        self, x: Any, c: tf.Tensor | None, training: bool = False, binary: bool = False
     ) -> tuple[tf.Tensor, tf.Tensor]:
         if isinstance(x, (tuple, list)):
-            indices, values, counts = x
+            indices, values = x
             kernel = self._kernel(self.num_items)
-            values = tf.cast(values, tf.float32)
-            # ‖x‖² = Σ counts · values² (a repeated item is spread over its positions).
-            # Normalised in float32: in float16 the epsilon underflows (0/0 for no history).
-            squares = tf.reduce_sum(tf.cast(counts, tf.float32) * tf.square(values), -1)
-            norm = tf.sqrt(tf.maximum(squares, 1e-12))[:, None]
-            values = tf.cast(self.dropout(values / norm, training=training), self.compute_dtype)
-            h = tf.sparse.sparse_dense_matmul(_sparse_x(indices, values, kernel), kernel)
+            if binary:
+                # Mult-VAE's input dropout: drop items, scale the kept ones by 1 / (1 − rate).
+                kept = self.dropout(tf.ones_like(values, tf.float32), training=training) > 0
+                rate = self.input_dropout if training else 0.0
+                h = binary_history_product(indices, kept, kernel, 1.0 / (1.0 - rate))
+                h = tf.cast(h, self.compute_dtype)
+            else:
+                # Normalised in float32: in float16 the epsilon underflows (0/0 for no history).
+                values = tf.cast(values, tf.float32)
+                squares = tf.reduce_sum(tf.square(values), -1)  # ‖x‖²: no item is repeated
+                norm = tf.sqrt(tf.maximum(squares, 1e-12))[:, None]
+                values = self.dropout(values / norm, training=training)
+                values = tf.cast(values, self.compute_dtype)
+                h = tf.sparse.sparse_dense_matmul(_sparse_x(indices, values, kernel), kernel)
         else:
             kernel = self._kernel(int(x.shape[-1]))
             h = tf.math.l2_normalize(tf.cast(x, tf.float32), axis=-1)
@@ -106,6 +113,49 @@ class Encoder(tf.keras.layers.Layer):
         }
 
 
+def binary_history_product(
+    indices: tf.Tensor, kept: tf.Tensor, kernel: tf.Tensor, scale: float
+) -> tf.Tensor:
+    """x̃ · W for a 0/1 history x: x̃ = x / ‖x‖ on the kept positions × `scale`, else 0.
+
+    indices `[batch, n]` (1 + item index, 0 = padding; no item twice in a row), kept
+    `[batch, n]` bool (input dropout's mask), kernel W `[num_items + 1, units]` → `[batch,
+    units]` float32. ‖x‖ = √(number of history items), taken before dropout.
+
+    Why: every kept value of a row is the same, so the product is a sum of W's history rows
+    times one number per row: `tf.sparse.segment_sum`, which reads the rows where they lie.
+    Its gradient Wᵀ-side, dW = x̃ᵀ · dh, is the same sum the other way round (dh's rows
+    summed into each history item's row, positions sorted by item). On ML-20M shapes the
+    pair takes ~35 ms where `sparse_dense_matmul` and its gradient take ~115 ms
+    (`benchmarks/bench_train.py`); weighted histories keep `sparse_dense_matmul`.
+    """
+    known = indices > 0
+    count = tf.reduce_sum(tf.cast(known, tf.float32), axis=-1)
+    row_scale = scale / tf.sqrt(tf.maximum(count, 1e-12))  # no history: nothing to scale
+    positions = tf.where(known & kept)  # [k, 2], row-major: rows ascending, as segment ids
+    rows = tf.cast(positions[:, 0], tf.int32)
+    items = tf.gather_nd(indices, positions)
+    batch_size = tf.shape(indices)[0]
+
+    @tf.custom_gradient
+    def history_rows_sum(kernel: tf.Tensor) -> tuple[tf.Tensor, Any]:
+        summed = tf.sparse.segment_sum(kernel, items, rows, num_segments=batch_size)
+
+        def gradient(upstream: tf.Tensor) -> tf.Tensor:
+            by_item = tf.argsort(items, stable=True)
+            return tf.sparse.segment_sum(
+                upstream,
+                tf.gather(rows, by_item),
+                tf.gather(items, by_item),
+                num_segments=tf.shape(kernel)[0],
+            )
+
+        return summed, gradient
+
+    summed = history_rows_sum(tf.convert_to_tensor(kernel))
+    return tf.cast(summed, tf.float32) * row_scale[:, None]
+
+
 def _sparse_x(indices: tf.Tensor, values: tf.Tensor, kernel: tf.Tensor) -> tf.SparseTensor:
     """x `[batch, num_items + 1]` as a SparseTensor of the known positions (index > 0).
 
@@ -115,7 +165,8 @@ def _sparse_x(indices: tf.Tensor, values: tf.Tensor, kernel: tf.Tensor) -> tf.Sp
     padding too (real batches are padded to their longest history: several times the mean),
     and autodiff of the gather materialises the `[batch, n, units]` outer product and hands
     Adam `[batch · n, units]` slices to deduplicate: ~3× slower on ML-20M shapes
-    (`benchmarks/bench_train.py`). A repeated item's positions add up, as in the dense x.
+    (`benchmarks/bench_train.py`). For weighted histories; 0/1 ones take
+    `binary_history_product`.
     """
     known = tf.where(indices > 0)  # [nnz, 2] (row, position): padding and unknown ids dropped
     items = tf.cast(tf.gather_nd(indices, known), tf.int64)

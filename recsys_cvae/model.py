@@ -55,7 +55,6 @@ from recsys_cvae.preprocessing import (
     ConditionEncoder,
     ItemMultiHot,
     attribute_layer_config,
-    split_positions,
 )
 from recsys_cvae.spec import HISTORY, FeatureSpec
 
@@ -176,25 +175,36 @@ class CVAE(tf.keras.Model):
             return self.multi_hot.weighted(features[HISTORY], features[HISTORY_WEIGHTS])
         return self.history_mask(features[HISTORY])
 
-    def history_sparse(self, features: Mapping[str, tf.Tensor]) -> tuple[tf.Tensor, ...]:
-        """x as (indices, values, counts) `[batch, n]` each (see `ItemMultiHot.sparse`): the
-        encoder's input, whose first layer then costs batch × n, not batch × num_items."""
-        weights = None
+    def _history_weights(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor | None:
+        """The examples' `history_weights` when the model uses them, else None (x is 0/1)."""
         if self.model_config.use_history_weights and HISTORY_WEIGHTS in features:
-            weights = features[HISTORY_WEIGHTS]
-        return self.multi_hot.sparse(features[HISTORY], weights)
+            return features[HISTORY_WEIGHTS]
+        return None
+
+    def history_sparse(self, features: Mapping[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+        """x as (indices, values) `[batch, n]` each (see `ItemMultiHot.sparse`): the encoder's
+        input, whose first layer then costs batch × n, not batch × num_items."""
+        return self.multi_hot.sparse(features[HISTORY], self._history_weights(features))
 
     def history_both(
         self, features: Mapping[str, tf.Tensor]
-    ) -> tuple[tf.Tensor, tuple[tf.Tensor, ...]]:
+    ) -> tuple[tf.Tensor, tuple[tf.Tensor, tf.Tensor]]:
         """(`history_input`, `history_sparse`) from one lookup of the history ids: the train
         step needs both, and each alone would look the strings up again."""
-        weights = None
-        if self.model_config.use_history_weights and HISTORY_WEIGHTS in features:
-            weights = features[HISTORY_WEIGHTS]
-        indices, weights, counts = self.multi_hot.positions(features[HISTORY], weights)
-        x = self.multi_hot.dense(indices, weights)
-        return x, split_positions(indices, weights, counts)
+        sparse = self.history_sparse(features)
+        return self.multi_hot.dense(*sparse), sparse
+
+    def _encode_sparse(
+        self,
+        features: Mapping[str, tf.Tensor],
+        sparse: tuple[tf.Tensor, tf.Tensor],
+        c: tf.Tensor | None,
+        training: bool,
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """q(z|x,c)'s (mean, log-variance) from `history_sparse`'s x; a 0/1 x (no weights)
+        takes the encoder's fast first layer (`layers.binary_history_product`)."""
+        binary = self._history_weights(features) is None
+        return self.encoder(sparse, c, training=training, binary=binary)
 
     def condition(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor | None:
         """c `[batch, condition_dim]`, or None for plain Mult-VAE."""
@@ -211,7 +221,9 @@ class CVAE(tf.keras.Model):
 
     def encode(self, features: Mapping[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
         """q(z|x,c) without dropout: (z_mean, z_log_var), each `[batch, latent_dim]`."""
-        return self.encoder(self.history_sparse(features), self.condition(features))
+        return self._encode_sparse(
+            features, self.history_sparse(features), self.condition(features), training=False
+        )
 
     # ---- what the signatures call ----------------------------------------------------------
 
@@ -225,7 +237,7 @@ class CVAE(tf.keras.Model):
         History items are not masked here; callers exclude them with `history_mask`.
         """
         c = self.condition(features)
-        z_mean, _ = self.encoder(self.history_sparse(features), c, training=False)
+        z_mean, _ = self._encode_sparse(features, self.history_sparse(features), c, False)
         if self.item_item is None:
             return self.decoder(z_mean, c)
         return self._logits(z_mean, c, self.history_input(features), training=False)
@@ -252,7 +264,7 @@ class CVAE(tf.keras.Model):
         """
         c = self.condition(features)
         if from_history:
-            z, _ = self.encoder(self.history_sparse(features), c, training=False)
+            z, _ = self._encode_sparse(features, self.history_sparse(features), c, False)
             return self.decoder.hidden_state(z, c)
         if c is not None:
             batch_size = tf.shape(c)[0]
@@ -280,33 +292,50 @@ class CVAE(tf.keras.Model):
         """Per-example terms (`[batch]`) and the logits (`[batch, num_items]`), float32."""
         x, sparse = self.history_both(features)
         c = self.condition(features)
-        z_mean, z_log_var = self.encoder(sparse, c, training=training)
+        z_mean, z_log_var = self._encode_sparse(features, sparse, c, training)
         if training:
             z = z_mean + tf.exp(0.5 * z_log_var) * tf.random.normal(tf.shape(z_mean))
         else:
             z = z_mean
         prior_mean, prior_log_var = self.prior_params(c, tf.shape(x)[0])
+        kl = gaussian_kl(z_mean, z_log_var, prior_mean, prior_log_var)
         prior_rows = self._prior_rows(prior_mean, prior_log_var, training)
         if prior_rows is None or not training:
             logits = self._logits(z, c, x, training=training)
+            terms = {
+                "logits": logits,
+                "reconstruction": -self._log_likelihood(x, sparse, logits),
+                "kl": kl,
+            }
             if prior_rows is not None:
                 z_prior, m = prior_rows
-                prior_logits = self.decoder(z_prior, c)
-        else:
-            # One decoder pass over the posterior and the prior samples: one matmul with the
-            # catalogue-sized layer (and one weight gradient) instead of two. (Not outside
-            # training: the logits there must equal `recommend_logits`' to the last bit.)
-            z_prior, m = prior_rows
-            both = self.decoder(tf.concat([z, z_prior], 0), tf.concat([c, c[:m]], 0))
-            batch_size = tf.shape(z)[0]
-            logits = self._add_item_item(both[:batch_size], x, training)
-            prior_logits = both[batch_size:]
-        reconstruction = -self._log_likelihood(x, sparse, logits)
-        kl = gaussian_kl(z_mean, z_log_var, prior_mean, prior_log_var)
-        terms = {"logits": logits, "reconstruction": reconstruction, "kl": kl}
-        if prior_rows is not None:
-            terms["prior_reconstruction"] = self._prior_term(x, sparse, prior_logits, m)
-        return terms
+                terms["prior_reconstruction"] = self._prior_term(
+                    x, sparse, self.decoder(z_prior, c), m
+                )
+            return terms
+        # Training with the prior-path term: one decoder pass and one likelihood over the
+        # batch's posterior samples and its first m users' prior samples, stacked. One
+        # matmul with the catalogue-sized layer (and one weight gradient) instead of two, and
+        # the `[batch + m, num_items]` logits are never sliced: a slice's gradient writes a
+        # zero-padded copy of the catalogue-wide tensor, once per slice. (Not outside
+        # training: the logits there must equal `recommend_logits`' to the last bit.)
+        z_prior, m = prior_rows
+        batch_size = tf.shape(z)[0]
+        logits = self.decoder(tf.concat([z, z_prior], 0), tf.concat([c, c[:m]], 0))
+        if self.item_item is not None:
+            branch = self.item_item(self.linear_dropout(x, training=training))
+            logits += tf.pad(branch, [[0, m], [0, 0]])  # the prior rows see no history
+        stacked_x = tf.concat([x, x[:m]], 0)  # pruned unless the likelihood is dense
+        stacked_sparse = tuple(tf.concat([part, part[:m]], 0) for part in sparse)
+        log_likelihood = self._log_likelihood(stacked_x, stacked_sparse, logits)
+        return {
+            "logits": logits[:batch_size],
+            "reconstruction": -log_likelihood[:batch_size],
+            "kl": kl,
+            "prior_reconstruction": _spread_over_batch(
+                -log_likelihood[batch_size:], batch_size, m
+            ),
+        }
 
     def _log_likelihood(
         self, x: tf.Tensor, sparse: tuple[tf.Tensor, ...], logits: tf.Tensor
@@ -315,8 +344,7 @@ class CVAE(tf.keras.Model):
         the passes over a dense `[batch, num_items]` x: `sparse_multinomial_log_likelihood`).
         Unused, the dense x is pruned from the traced step."""
         if self.model_config.likelihood == "multinomial":
-            indices, values, _ = sparse
-            return sparse_multinomial_log_likelihood(indices, values, logits)
+            return sparse_multinomial_log_likelihood(*sparse, logits)
         return log_likelihood(self.model_config.likelihood, x, logits)
 
     def _prior_rows(
@@ -375,14 +403,10 @@ class CVAE(tf.keras.Model):
         uses the same columns. `negatives` (item indices `[N]`, their log N·q `[N]`)
         replaces the draw, for tests.
         """
-        weights = None
-        if self.model_config.use_history_weights and HISTORY_WEIGHTS in features:
-            weights = features[HISTORY_WEIGHTS]
-        # [batch, n] each: 1 + item index (0 = padding), x's weight, repeats in the row.
-        indices, weights, counts = self.multi_hot.positions(features[HISTORY], weights)
+        # [batch, n] each: 1 + item index (0 = padding or a repeat), x's value there.
+        sparse = indices, weights = self.history_sparse(features)
         c = self.condition(features)
-        sparse = split_positions(indices, weights, counts)
-        z_mean, z_log_var = self.encoder(sparse, c, training=training)
+        z_mean, z_log_var = self._encode_sparse(features, sparse, c, training)
         if training:
             z = z_mean + tf.exp(0.5 * z_log_var) * tf.random.normal(tf.shape(z_mean))
         else:
@@ -479,8 +503,8 @@ def sparse_multinomial_log_likelihood(
 ) -> tf.Tensor:
     """`multinomial_log_likelihood` of the sparse x of `ItemMultiHot.sparse`, `[batch]`.
 
-    indices, values `[batch, n]` (0 and value 0 = padding, else 1 + the item's index; a
-    repeated item's weight split over its positions), logits `[batch, num_items]` float32:
+    indices, values `[batch, n]` (0 and value 0 = padding or a repeat, else 1 + the item's
+    index and x there), logits `[batch, num_items]` float32:
 
         Σ_i x_i log softmax(l)_i = Σ_j values_j · l[indices_j − 1] − (Σ_j values_j) · log Σ_i e^l_i
 

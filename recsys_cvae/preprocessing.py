@@ -44,16 +44,17 @@ class ItemMultiHot(tf.keras.layers.Layer):
     def call(self, item_ids: tf.Tensor) -> tf.Tensor:
         return self.lookup(item_ids)[:, 1:]
 
-    def positions(
+    def sparse(
         self, item_ids: tf.Tensor, weights: tf.Tensor | None = None
-    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """One lookup of the history: (indices, weights, counts), each `[batch, n]`.
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """One lookup of the history as the sparse x: (indices, values), each `[batch, n]`.
 
-        indices are 1 + the item's vocabulary index, 0 for padding and unknown ids; weights
-        are each position's item weight in x (1, or the item's largest weight in the row,
-        negative weights clipped to 0), 0 for padding; counts how often the position's item
-        occurs in its row. Duplicates are found by `tf.unique` over (row, index) keys, so the
-        cost is O(batch · n), never O(batch · num_items).
+        indices are 1 + the item's vocabulary index at an item's first position in its row,
+        0 for padding, unknown ids and the item's later positions; values are x there (1, or
+        the item's largest weight in the row, negative weights clipped to 0), 0 elsewhere.
+        So Σ_j values_j · W[indices_j] equals the dense x·W and Σ_j values_j² equals ‖x‖².
+        Repeats are found by `tf.unique` over (row, index) keys, so the cost is O(batch · n),
+        never O(batch · num_items).
         """
         indices = tf.cast(self.index_lookup(item_ids), tf.int32)  # [batch, n], 0 = OOV or ""
         shape = tf.shape(indices)
@@ -61,30 +62,20 @@ class ItemMultiHot(tf.keras.layers.Layer):
         keys = tf.reshape(rows * (len(self._vocabulary) + 1) + tf.cast(indices, tf.int64), [-1])
         unique, slot = tf.unique(keys)
         num_unique = tf.size(unique)
-        ones = tf.ones(tf.shape(keys))
-        counts = tf.gather(tf.math.unsorted_segment_sum(ones, slot, num_unique), slot)
+        position = tf.range(tf.size(keys))
+        first = tf.gather(tf.math.unsorted_segment_min(position, slot, num_unique), slot)
+        keep = (position == first) & (tf.reshape(indices, [-1]) > 0)
         if weights is None:
-            values = ones
+            values = tf.ones(tf.shape(keys))
         else:
             values = tf.maximum(tf.reshape(tf.cast(weights, tf.float32), [-1]), 0.0)
             values = tf.gather(tf.math.unsorted_segment_max(values, slot, num_unique), slot)
-        values = tf.where(tf.reshape(indices, [-1]) > 0, values, 0.0)
-        return indices, tf.reshape(values, shape), tf.reshape(counts, shape)
-
-    def sparse(
-        self, item_ids: tf.Tensor, weights: tf.Tensor | None = None
-    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """The same x for a sparse first layer: (indices, values, counts), each `[batch, n]`.
-
-        indices are 1 + the item's vocabulary index, 0 for padding and unknown ids (value 0).
-        An item repeated c times in a row gets value w/c at each of its c positions (w = 1, or
-        its largest weight), so Σ_j values_j · W[indices_j] equals the dense x·W exactly and
-        Σ_j counts_j · values_j² equals ‖x‖².
-        """
-        return split_positions(*self.positions(item_ids, weights))
+        indices = tf.where(keep, tf.reshape(indices, [-1]), 0)
+        values = tf.where(keep, values, 0.0)
+        return tf.reshape(indices, shape), tf.reshape(values, shape)
 
     def dense(self, indices: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
-        """x `[batch, num_items]` float32 from `positions`' indices and weights (a scatter of
+        """x `[batch, num_items]` float32 from `sparse`'s indices and values (a scatter of
         batch · n values; padding scatters a harmless 0 into item 0's column)."""
         shape = tf.shape(indices)
         rows = tf.broadcast_to(tf.range(shape[0])[:, None], shape)
@@ -104,14 +95,6 @@ class ItemMultiHot(tf.keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "item_ids": list(self._vocabulary)}
-
-
-def split_positions(
-    indices: tf.Tensor, weights: tf.Tensor, counts: tf.Tensor
-) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """`ItemMultiHot.positions` → the sparse x (indices, values, counts): a repeated item's
-    weight w split as w/c over its c positions (see `ItemMultiHot.sparse`)."""
-    return indices, weights / tf.maximum(counts, 1.0), counts
 
 
 class ConditionEncoder(tf.keras.layers.Layer):

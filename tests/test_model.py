@@ -277,19 +277,67 @@ def test_without_conditioning_the_model_is_mult_vae(tiny_spec):
 
 def test_the_sparse_encoder_input_equals_the_dense_one(tiny_spec):
     model = build_model(tiny_spec, SMALL)
-    # Duplicates, padding, unknown ids and weights: the sparse form spreads a repeated item's
-    # largest weight over its positions, so the encoder sees exactly the dense row.
+    # Duplicates, padding, unknown ids and weights: the sparse form keeps a repeated item's
+    # first position with its largest weight, so the encoder sees exactly the dense row.
     batch = features([["c", "a", "c", "zz", ""], ["", "", "", "", ""]], ["north", ""], [1.0, 2.0])
     batch[HISTORY_WEIGHTS] = tf.constant([[0.5, 2.0, 3.0, 9.0, 9.0], [1.0] * 5])
-    indices, values, counts = model.history_sparse(batch)
+    indices, values = model.history_sparse(batch)
+    np.testing.assert_array_equal(indices.numpy()[0], [3, 1, 0, 0, 0])
+    np.testing.assert_array_equal(values.numpy()[0], [3.0, 2.0, 0.0, 0.0, 0.0])
     dense = np.zeros((2, 4))
     np.add.at(dense, (np.arange(2)[:, None].repeat(5, 1), indices.numpy()), values.numpy())
     np.testing.assert_allclose(dense[:, 1:], model.history_input(batch), rtol=1e-6)
-    np.testing.assert_array_equal(counts.numpy()[0, :3], [2, 1, 2])
     c = model.condition(batch)
-    sparse = model.encoder((indices, values, counts), c)
+    sparse = model.encoder((indices, values), c)
     for sparse_part, dense_part in zip(sparse, model.encoder(model.history_input(batch), c)):
         np.testing.assert_allclose(sparse_part, dense_part, rtol=1e-5, atol=1e-6)
+
+
+def test_the_binary_first_layer_equals_the_weighted_one_with_its_gradient(tiny_spec):
+    """0/1 histories take `binary_history_product` (segment sums), weighted ones
+    `sparse_dense_matmul`: for all-1 values both must give the same layer and W gradient."""
+    model = build_model(tiny_spec, SMALL)
+    batch = features([["c", "a", "c", "zz", ""], ["b", "", "", "", ""], [""] * 5],
+                     ["north", "", "south"], [1.0, 2.0, 3.0])
+    sparse = model.history_sparse(batch)
+    c = model.condition(batch)
+    model.encoder(sparse, c)
+    kernel = model.encoder.history_kernel
+
+    def first_layer(binary):
+        with tf.GradientTape() as tape:
+            z_mean, z_log_var = model.encoder(sparse, c, binary=binary)
+            loss = tf.reduce_sum(tf.sin(z_mean)) + tf.reduce_sum(tf.cos(z_log_var))
+        return z_mean, tape.gradient(loss, kernel)
+
+    (fast, fast_gradient), (general, general_gradient) = first_layer(True), first_layer(False)
+    np.testing.assert_allclose(fast, general, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        tf.convert_to_tensor(fast_gradient), tf.convert_to_tensor(general_gradient),
+        rtol=1e-5, atol=1e-7,
+    )
+    # The padding row (unknown ids, repeats, "") gets no gradient.
+    np.testing.assert_array_equal(tf.convert_to_tensor(fast_gradient)[0], 0.0)
+
+
+def test_the_binary_first_layer_drops_items_and_keeps_the_expectation():
+    """Input dropout on the fast path: each item kept with probability 1 − rate and scaled by
+    1 / (1 − rate), so the layer's mean over draws is the layer without dropout."""
+    from recsys_cvae.layers import binary_history_product
+
+    kernel = tf.random.stateless_normal([6, 3], [1, 2])
+    indices = tf.constant([[1, 2, 3, 5], [4, 0, 0, 0]])
+    exact = binary_history_product(indices, tf.ones([2, 4], tf.bool), kernel, 1.0)
+    expected = np.stack([kernel.numpy()[[1, 2, 3, 5]].sum(0) / 2.0, kernel.numpy()[4]])
+    np.testing.assert_allclose(exact, expected, rtol=1e-6)
+    draws = [
+        binary_history_product(indices, tf.random.stateless_uniform([2, 4], [3, i]) >= 0.5,
+                               kernel, 2.0)
+        for i in range(4000)
+    ]
+    np.testing.assert_allclose(np.mean(draws, axis=0), expected, atol=0.08)
+    # A dropped item is gone: some draw has row 1 (one item) all zero.
+    assert any(np.all(d.numpy()[1] == 0) for d in draws[:20])
 
 
 def test_prior_reconstruction_trains_the_generate_path_through_the_prior(tiny_spec):
