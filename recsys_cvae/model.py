@@ -510,8 +510,8 @@ def sparse_multinomial_log_likelihood(
 
     Why: the dense form multiplies, sums and differentiates a `[batch, num_items]` x that is
     almost all zeros. Here the only catalogue-wide work is the log-partition forward and
-    its gradient (−Σx · softmax) backward, which reuses the forward's exponentials; the
-    history terms cost batch × n (a gather forward, a scatter backward).
+    its gradient (−Σx · softmax) backward, each one XLA-compiled pass or two over the
+    logits; the history terms cost batch × n (a gather forward, a scatter backward).
     """
     positions = tf.maximum(indices - 1, 0)
     values = tf.cast(values, tf.float32)
@@ -519,15 +519,12 @@ def sparse_multinomial_log_likelihood(
 
     @tf.custom_gradient
     def log_likelihood_(logits: tf.Tensor) -> tuple[tf.Tensor, Any]:
-        shift = tf.reduce_max(logits, axis=-1, keepdims=True)
-        exp = tf.exp(logits - shift)
-        sum_exp = tf.reduce_sum(exp, axis=-1)
-        log_z = tf.math.log(sum_exp) + shift[:, 0]
+        log_z = _log_partition(logits)
         picked = tf.gather(logits, positions, batch_dims=1)  # [batch, n]
         result = tf.reduce_sum(values * picked, axis=-1) - total * log_z
 
         def gradient(upstream: tf.Tensor) -> tf.Tensor:
-            softmax_part = exp * (-(upstream * total) / sum_exp)[:, None]
+            softmax_part = _scaled_softmax(logits, log_z, -(upstream * total))
             shape = tf.shape(positions)
             rows = tf.broadcast_to(tf.range(shape[0])[:, None], shape)
             pairs = tf.stack([rows, positions], axis=-1)
@@ -536,6 +533,24 @@ def sparse_multinomial_log_likelihood(
         return result, gradient
 
     return log_likelihood_(logits)
+
+
+@tf.function(jit_compile=True)
+def _log_partition(logits: tf.Tensor) -> tf.Tensor:
+    """log Σ_i e^logits_i per row, `[batch]`, stable (shifted by the row's max).
+
+    Compiled by XLA, on CPUs too: TensorFlow's ops would write the shifted logits and their
+    exponentials as two more `[batch, num_items]` tensors; XLA fuses them into the sum.
+    Its shapes do not depend on the history length, so it compiles once per batch size.
+    """
+    shift = tf.reduce_max(logits, axis=-1)
+    return tf.math.log(tf.reduce_sum(tf.exp(logits - shift[:, None]), axis=-1)) + shift
+
+
+@tf.function(jit_compile=True)
+def _scaled_softmax(logits: tf.Tensor, log_z: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
+    """softmax(logits) · scale per row, `[batch, num_items]`: one fused pass (`_log_partition`)."""
+    return tf.exp(logits - log_z[:, None]) * scale[:, None]
 
 
 def _spread_over_batch(term: tf.Tensor, batch_size: tf.Tensor, m: tf.Tensor) -> tf.Tensor:
