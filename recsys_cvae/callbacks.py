@@ -159,10 +159,13 @@ def _top_k_function(model: CVAE, k: int):
     """A traced `features → [batch, k]` item indices, best first, history excluded.
 
     Large catalogues are ranked chunk by chunk, as the export does (`recsys_cvae.top_k`).
+    Traced for any batch size and history width (`reduce_retracing`): validation batches
+    are padded to their own longest history, and one trace per width costs more than the
+    ranking itself.
     """
     k = min(k, len(model.item_ids))
 
-    @tf.function
+    @tf.function(reduce_retracing=True)
     def top_k(features):
         return catalogue_top_k(model, features, k, ExportConfig().top_k_chunk_size)[1]
 
