@@ -9,9 +9,11 @@ resident memory of the process tree per stage), the seconds of each training epo
 memory and the load average (other work on the machine slows every stage).
 
 The configuration is what a user would pick at this size: an epochs cap (`--epochs`), the
-strong and cold protocols only (one CVAE: `train.protocols` when the config has it), candidates for
-every user (every split of the primary protocol), and the baselines that fit in memory at
-this catalogue size (`--baselines`; EASE's and ItemKNN's dense item-item matrices do not).
+strong and cold protocols only (one CVAE: `train.protocols` when the config has it; with
+`--default-protocols` every protocol and a CVAE per protocol, as `pipeline` does unasked),
+candidates for every user (every split of the primary protocol), and the baselines that fit
+in memory at this catalogue size (`--baselines`; EASE's and ItemKNN's dense item-item
+matrices do not).
 
     python benchmarks/bench_e2e.py --scale 0.05     # ~1M interactions, a few minutes
     python benchmarks/bench_e2e.py --scale 1        # ML-20M size, ~30-45 min
@@ -73,17 +75,21 @@ def train_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(TrainConfig)}
 
 
-def pipeline_overrides(epochs: int, baselines: list[str]) -> list[str]:
+def pipeline_overrides(
+    epochs: int, baselines: list[str], default_protocols: bool = False
+) -> list[str]:
     """`--set` values for a run at this size (see the module docstring)."""
     overrides = [
-        # One CVAE on the primary (strong) protocol, plus cold start: the weak protocol's
-        # splits hold every user, and the baselines' per-split matrices with them.
-        'features.protocols=["strong", "cold"]',
         f"train.epochs={epochs}",
         "train.verbose=2",  # one line per epoch with its seconds
         'candidates.splits=["train", "validation", "test", "cold"]',
         "evaluate.baselines=[" + ", ".join(f'"{b}"' for b in baselines) + "]",
     ]
+    if default_protocols:
+        return overrides
+    # One CVAE on the primary (strong) protocol, plus cold start: the weak protocol's
+    # splits hold every user, so every protocol triples the feature output and adds a CVAE.
+    overrides.append('features.protocols=["strong", "cold"]')
     if "protocols" in train_fields():
         overrides.append('train.protocols=["strong"]')
     return overrides
@@ -227,6 +233,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--baselines", default="popularity,segment_popularity",
         help="comma-separated evaluate.baselines (default: popularity,segment_popularity)",
     )  # fmt: skip
+    parser.add_argument(
+        "--default-protocols", action="store_true",
+        help="keep the default protocols (strong, weak, temporal, cold: a CVAE per protocol "
+             "with a train split) instead of strong and cold only",
+    )  # fmt: skip
     parser.add_argument("--workdir", help="where data and artefacts go (default: a temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder")
     parser.add_argument("--set", action="append", default=[], help="extra pipeline --set")
@@ -240,7 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
         command = [
             sys.executable, "-m", "recsys_cvae.cli", "pipeline", "--data-dir", data_dir,
             "--workdir", os.path.join(workdir, "run"),
-            *[x for o in pipeline_overrides(args.epochs, baselines) + args.set
+            *[x for o in pipeline_overrides(args.epochs, baselines, args.default_protocols)
+              + args.set
               for x in ("--set", o)],
             *(["--", *beam_args] if beam_args else []),
         ]  # fmt: skip
@@ -272,6 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {
         "scale": args.scale,
+        "default_protocols": args.default_protocols,
         "sizes": sizes,
         "command": command[1:],
         "stages": stages,
@@ -287,7 +300,8 @@ def main(argv: list[str] | None = None) -> dict:
         "goals_s": GOALS_S,
         "goal_peak_gb": GOAL_PEAK_GB,
     }
-    suffix = "" if full else f"_{args.scale:g}"
+    suffix = ("" if full else f"_{args.scale:g}") + ("_all_protocols" if args.default_protocols
+                                                      else "")
     path = args.output or os.path.join(ROOT, "benchmarks", "results", f"bench_e2e{suffix}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
