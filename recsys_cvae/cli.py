@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from recsys_cvae.config import Config, load_config
 from recsys_cvae.memory import PeakMemory, release_free_memory
@@ -459,15 +459,18 @@ def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
     return 0
 
 
-def run_serve(args: argparse.Namespace, work: Workdir) -> None:
+def run_serve(args: argparse.Namespace, work: Workdir) -> NoReturn:
     """Serves until SIGTERM/SIGINT; in-flight requests finish first."""
     from serving.flags import server_kwargs
-    from serving.server import describe, serve
+    from serving.server import ModelServer, describe, exit_after_stop
 
     base_path = None if args.model_config_file else (args.model_base_path or work.export)
-    server = serve(base_path, **server_kwargs(args))
+    server = ModelServer(base_path, **server_kwargs(args))
+    server.catch_stop_signals()  # before the line below: a SIGTERM right after it drains
+    server.start()
     print(describe(server), flush=True)
     server.wait_for_signal(args.grace_s)
+    exit_after_stop(0)  # the command ends here; skip the slow interpreter teardown
 
 
 def run_query(args: argparse.Namespace) -> str:

@@ -81,7 +81,10 @@ class Batcher:
             start = batch.rows
             batch.members.append((inputs, rows))
             batch.rows += rows
-            if batch.rows >= self.max_batch_size:
+            # _flushing is read again under the lock: a request that passed the check above
+            # just before flush() would otherwise open a batch after flush() closed the open
+            # ones, and hold the drain for a whole timeout
+            if batch.rows >= self.max_batch_size or self._flushing.is_set():
                 self._close(key, batch)
         if leader:
             self._lead(key, batch, call)

@@ -202,13 +202,19 @@ def test_new_versions_under_load_are_served_without_a_failed_request(tmp_path, m
     assert 2 not in versions[versions.index(3):] and 1 not in versions[versions.index(2):]
 
 
-def test_sigterm_lets_the_request_in_flight_finish(model_base_path):
-    # A 5 s batching timeout holds a lone request in flight; SIGTERM must answer it, not drop it.
-    process = subprocess.Popen(
-        [sys.executable, "-m", "serving.server", "--model-base-path", model_base_path,
-         "--port", "0", "--enable-batching", "--batch-timeout-ms", "5000", "--grace-s", "20"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
-    )
+def test_sigterm_lets_the_request_in_flight_finish(tmp_path, model_base_path):
+    # A 20 s batching timeout holds a lone request in flight; SIGTERM must answer it at once
+    # (the drain flushes the batch), not drop it.
+    # stderr goes to a file and faulthandler is on: a server that does not exit is sent SIGABRT
+    # and the failure shows every thread's stack.
+    stderr_path = tmp_path / "server.stderr"
+    with open(stderr_path, "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "serving.server", "--model-base-path", model_base_path,
+             "--port", "0", "--enable-batching", "--batch-timeout-ms", "20000", "--grace-s", "20"],
+            stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=REPO,
+            env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+        )
     try:
         line = process.stdout.readline()  # "serving recsys_cvae on 127.0.0.1:<port>"
         assert line.startswith("serving recsys_cvae on 127.0.0.1:"), line
@@ -217,16 +223,45 @@ def test_sigterm_lets_the_request_in_flight_finish(model_base_path):
             in_flight = stub.Predict.future(make_request(NORTH_EMPTY), timeout=30)
             time.sleep(1.0)
             assert not in_flight.done()  # still waiting in its batch
+            signalled = time.monotonic()
             process.send_signal(signal.SIGTERM)
             response = in_flight.result()
+            # answered by the drain, not by the batch timeout running out 19 s later
+            assert time.monotonic() - signalled < 10.0
             assert outputs_of(response)["item_ids"].tolist() == [[b"i5", b"i1", b"i2"]]
-            assert process.wait(timeout=30) == 0
+            try:
+                assert process.wait(timeout=30) == 0
+            except subprocess.TimeoutExpired:
+                process.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
+                process.wait(timeout=10)
+                pytest.fail("server answered but did not exit:\n" + stderr_path.read_text()[-6000:])
             with pytest.raises(grpc.RpcError) as raised:
                 stub.Predict(make_request(NORTH_EMPTY), timeout=5)
             assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_a_stop_signal_before_wait_for_signal_is_kept_and_drains(model_base_path):
+    # The server catches SIGTERM before it prints its address; a signal sent at once must
+    # stop it gracefully once it waits, not be lost (or kill the process).
+    server = ModelServer(model_base_path, port=0, poll_interval_s=60.0)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.catch_stop_signals()
+        port = server.start()
+        signal.raise_signal(signal.SIGTERM)
+        server.wait_for_signal(grace_s=1.0)  # returns: the signal was recorded
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        server.stop(grace_s=0)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.Predict(make_request(NORTH_EMPTY), timeout=5)
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 def test_cli_serve_flags_reach_the_server_and_query_speaks_tls(tmp_path, model_base_path):
