@@ -6,19 +6,36 @@ signatures, never `recsys_cvae.model`. Warm users (validation, test, train) are 
 `recommend` from their history and attributes; cold users by `generate` from attributes
 alone.
 
-Why the handler takes the serialized examples: per batch, one `tf.function` parses them
-(`tf.io.parse_example`), pads the histories into one `[batch, n]` string tensor, runs the
-signature and its top-K, so no per-user Python decode or numpy-to-tensor copy happens; per
-user, Python only slices the output rows. `Spread` (a Reshuffle) hands users to every
-worker: one gzip shard cannot be split, so otherwise its reader would score it alone.
+Why the element is a batch of users from `BatchUsers` on: the model costs a few hundred
+microseconds of CPU per user, and every per-user Python object after it (a
+`PredictionResult`, a row dict, Python lists turned back into Arrow columns, a shuffle
+record) added tens of microseconds, most of what the job cost beyond the model. So users
+are batched right after the read, and each later step handles one batch at a time:
 
     features/<split>/part-*.tfrecord.gz
-      | ReadUsers[split] | Spread | RunInference (parse, signature, top-K per batch)
-      | ToCandidateRows | WriteCandidates[split]
+      | ReadUsers[split] | BatchUsers (min..max users per batch) | Spread (of batches)
+      | RunInference (one batch per element: parse, signature, top-K in one tf.function)
+      | ToCandidateTables (Arrow columns; one table per bundle) | WriteCandidates[split]
       ->  candidates/<model>/<split>-SSSSS-of-NNNNN.parquet
 
+- RunInference stays (its model sharing, metrics and runner support), with a handler whose
+  element is a whole batch of serialized examples and whose own batch size is 1: one
+  `PredictionResult` per batch, holding the batch's arrays.
+- The `tf.function` parses the batch (`tf.io.parse_example`), runs the signature and hands
+  its strings back in Arrow's own layout (byte lengths + one joined buffer), so no Python
+  object is built per item id; `candidates_format.top_k_batch` drops the "" padding with
+  vectorised Arrow calls and `WriteToParquetBatched` writes the tables, same schema and
+  file names as `WriteToParquet`.
+- `Spread` (a Reshuffle) hands batches to every worker: one gzip shard cannot be split, so
+  without it the worker that reads a split would also score all of it. Shuffling batches
+  instead of users makes it ~128 times fewer elements; on a single in-memory worker, where
+  it spreads nothing, it then costs under 1% of the job (docs/scaling.md), too little to
+  make the pipeline depend on the runner, so it runs everywhere.
+
 Tuning (`CandidatesConfig`, docs/scaling.md "Batch candidates"): a fixed batch
-(`min_batch_size` = `max_batch_size`, 128 users by default) skips BatchElements' ramp-up;
+(`min_batch_size` = `max_batch_size`, 128 users by default) is what the model is fastest
+at. With min < max, BatchElements' adaptive search times only what follows it in the same
+stage (the shuffle write, not the model), so batches grow to `max_batch_size`.
 `share_model_across_processes` keeps one model per machine under multi_processing. Beam's
 `max_batch_duration_secs` is left unset: it switches BatchElements to its stateful
 (streaming) form, which keys every element alike and so serialises a batch job.
@@ -42,17 +59,19 @@ from __future__ import annotations
 import argparse
 import logging
 import posixpath
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.ml.inference.base import (
     ModelHandler,
     PredictionResult,
     RunInference,
 )
+from apache_beam.transforms.window import GlobalWindows
 
 from beam_jobs.options import pipeline_options
 from recsys_cvae import candidates_format as C
@@ -63,6 +82,7 @@ from recsys_cvae.export_layout import newest_export
 RECOMMEND = "recommend"
 GENERATE = "generate"
 HISTORY_INPUT = "item_ids"  # the history input of `recommend`
+ROW_GROUP_BYTES = 64 * 1024 * 1024  # as WriteToParquet's row_group_buffer_size
 
 
 class ExportError(ValueError):
@@ -104,14 +124,35 @@ def parse_users(serialized, spec: S.FeatureSpec, with_history: bool) -> tuple[An
     return parsed[S.USER_ID], inputs
 
 
+def arrow_strings(lengths: np.ndarray, joined: bytes) -> pa.Array:
+    """Strings stored back to back and their byte lengths -> an Arrow string array.
+
+    Why: `.numpy()` of a string tensor builds one Python bytes object per string (K per
+    user), which Arrow then copies into its own buffer again. Arrow's layout is exactly
+    offsets + one buffer, so the graph joins the strings (`tf.strings.reduce_join`) and the
+    joined bytes become the array's data as they are; `validate(full=True)` checks the
+    offsets and the UTF-8.
+
+    Args:
+      lengths: [n] int, the byte length of each string.
+      joined: the n strings concatenated, sum(lengths) bytes.
+    """
+    offsets = np.zeros(len(lengths) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    strings = pa.StringArray.from_buffers(len(lengths), pa.py_buffer(offsets), pa.py_buffer(joined))
+    strings.validate(full=True)
+    return strings
+
+
 class SignatureRunner:
     """One signature of a loaded SavedModel fed serialized examples: parse, score, top-K.
 
     Why a wrapper: `ModelHandler.load_model` may hand the model to another process
     (`share_model_across_processes`), and a proxy can forward a method call with bytes
     arguments but not TensorFlow's `signatures[...]` lookup. It also keeps the loaded object
-    alive, which the signature's variables need, and compiles parse + signature into one
-    `tf.function`, so a batch costs one graph call and no numpy-to-tensor conversion.
+    alive, which the signature's variables need, and compiles parse + signature + the
+    string joins of `arrow_strings` into one `tf.function`, so a batch costs one graph call,
+    no numpy-to-tensor conversion and no Python object per output string.
 
     Args:
       export_dir: a SavedModel version directory (`export/<version>`).
@@ -141,38 +182,49 @@ class SignatureRunner:
         def predict(serialized):
             user_ids, inputs = parse_users(serialized, spec, with_history)
             outputs = function(**inputs)
+            item_ids = tf.reshape(outputs["item_ids"], [-1])  # [batch * K], row-major
             return {
-                C.USER_ID: user_ids,
-                C.ITEM_IDS: outputs["item_ids"],
+                "user_id_lengths": tf.strings.length(user_ids),
+                "user_ids_joined": tf.strings.reduce_join(user_ids),
+                "item_id_lengths": tf.strings.length(item_ids),
+                "item_ids_joined": tf.strings.reduce_join(item_ids),
                 C.SCORES: outputs["scores"],
             }
 
         self._predict = predict
 
-    def predict(self, serialized: Sequence[bytes]) -> dict[str, np.ndarray]:
-        """serialized: [batch] example bytes. Returns `user_id` [batch] bytes, `item_ids`
-        [batch, K] bytes and `scores` [batch, K] float32, best first ("" and -inf pad
-        the tail when a history leaves fewer than K items)."""
+    def predict(self, serialized: Sequence[bytes]) -> dict[str, Any]:
+        """serialized: [batch] example bytes. Returns `user_id` [batch] and `item_ids`
+        [batch * K] (row-major, best first) as Arrow string arrays, and `scores` [batch, K]
+        float32 numpy; "" ids and -inf scores pad the tail of a row whose history leaves
+        fewer than K items."""
         import tensorflow as tf
 
         outputs = self._predict(tf.constant(serialized, tf.string))
-        return {name: value.numpy() for name, value in outputs.items()}
+        outputs = {name: value.numpy() for name, value in outputs.items()}
+        return {
+            C.USER_ID: arrow_strings(outputs["user_id_lengths"], outputs["user_ids_joined"]),
+            C.ITEM_IDS: arrow_strings(outputs["item_id_lengths"], outputs["item_ids_joined"]),
+            C.SCORES: outputs[C.SCORES],
+        }
 
 
-class SavedModelSignatureHandler(ModelHandler[bytes, PredictionResult, SignatureRunner]):
-    """RunInference handler for one signature of the exported recommender.
+class SavedModelSignatureHandler(ModelHandler[Sequence[bytes], PredictionResult, SignatureRunner]):
+    """RunInference handler for one signature of the exported recommender, a batch per element.
 
-    Elements are serialized user examples, straight from the feature job's TFRecords;
-    predictions are `PredictionResult(user_id, {"item_ids": [k] str, "scores": [k] float})`
-    with the "" padding removed (k <= K). Everything per batch runs in TensorFlow
-    (`SignatureRunner`); per user, Python only slices the output rows.
+    Why an element is a whole batch of serialized users (made by `BatchUsers` upstream) and
+    RunInference's own batch size is 1: a prediction is then one `PredictionResult` for the
+    whole batch, holding its arrays, instead of one Python object per user. It is
+    `PredictionResult(example=the serialized batch, inference={"user_id": [batch] strings,
+    "item_ids": [batch * K] strings ("" = empty slot), "scores": [batch, K] float32})`, as
+    `SignatureRunner.predict` returns it; `candidates_format.top_k_batch` makes rows of it.
+    RunInference's own metrics therefore count batches; `num_users` (same namespace) counts
+    users.
 
     Args:
       export_dir: the SavedModel version directory.
       signature: `recommend` (history + attributes) or `generate` (attributes only).
       spec: the feature spec (attributes in order, one signature input each; parse spec).
-      min_batch_size, max_batch_size: bounds for Beam's BatchElements; equal bounds fix the
-        batch size (no adaptive ramp-up from small batches).
       share_model_across_processes: load one copy per machine instead of one per process.
     """
 
@@ -182,21 +234,12 @@ class SavedModelSignatureHandler(ModelHandler[bytes, PredictionResult, Signature
         signature: str,
         spec: S.FeatureSpec,
         *,
-        min_batch_size: int = 128,
-        max_batch_size: int = 128,
         share_model_across_processes: bool = False,
     ) -> None:
         if signature not in (RECOMMEND, GENERATE):
             raise ValueError(f"signature must be {RECOMMEND!r} or {GENERATE!r}, got {signature!r}")
-        if not 1 <= min_batch_size <= max_batch_size:
-            raise ValueError(
-                f"need 1 <= candidates.min_batch_size <= candidates.max_batch_size, got "
-                f"{min_batch_size} and {max_batch_size}"
-            )
         super().__init__(
-            min_batch_size=min_batch_size,
-            max_batch_size=max_batch_size,
-            large_model=share_model_across_processes,
+            min_batch_size=1, max_batch_size=1, large_model=share_model_across_processes
         )
         self._export_dir = export_dir
         self._signature = signature
@@ -207,30 +250,19 @@ class SavedModelSignatureHandler(ModelHandler[bytes, PredictionResult, Signature
 
     def run_inference(
         self,
-        batch: Sequence[bytes],
+        batch: Sequence[Sequence[bytes]],
         model: SignatureRunner,
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[PredictionResult]:
-        outputs = model.predict(batch)
-        item_ids = outputs[C.ITEM_IDS]  # [batch, K] bytes; "" pads only the tail of a row
-        top_k = item_ids.shape[1]
-        kept = np.count_nonzero(item_ids != b"", axis=1).tolist()
-        # One decode per batch instead of one per item (a third of the per-user Python
-        # cost): ids are lines of the vocabulary file, so none holds a "\n".
-        flat = b"\n".join(item_ids.ravel().tolist()).decode("utf-8").split("\n")
-        scores = outputs[C.SCORES].tolist()
+        users = beam.metrics.Metrics.counter(self.get_metrics_namespace(), "num_users")
         model_id = f"{self._export_dir}:{self._signature}"
-        for row, (user_id, k) in enumerate(zip(outputs[C.USER_ID].tolist(), kept)):
-            start = row * top_k
-            yield PredictionResult(
-                user_id.decode("utf-8"),
-                {"item_ids": flat[start : start + k], "scores": scores[row][:k]},
-                model_id=model_id,
-            )
+        for serialized in batch:  # one batch of users per element
+            users.inc(len(serialized))
+            yield PredictionResult(serialized, model.predict(serialized), model_id=model_id)
 
-    def get_num_bytes(self, batch: Sequence[bytes]) -> int:
+    def get_num_bytes(self, batch: Sequence[Sequence[bytes]]) -> int:
         """Serialized size, without Beam's default of pickling the whole batch again."""
-        return sum(len(example) for example in batch)
+        return sum(len(example) for users in batch for example in users)
 
     def get_metrics_namespace(self) -> str:
         return f"RunInference_{self._signature}"
@@ -239,33 +271,93 @@ class SavedModelSignatureHandler(ModelHandler[bytes, PredictionResult, Signature
 # ---- the pipeline --------------------------------------------------------------------------
 
 
-def to_candidate_row(result: PredictionResult, model_label: str) -> dict[str, Any]:
-    return {
-        C.USER_ID: result.example,
-        C.ITEM_IDS: result.inference["item_ids"],
-        C.SCORES: result.inference["scores"],
-        C.MODEL: model_label,
-    }
+class ToCandidateTables(beam.DoFn):
+    """Per-batch predictions -> Arrow tables with the candidates schema, one per bundle.
+
+    Why buffer: `WriteToParquetBatched` writes every table as its own row group, and a row
+    group per model batch (128 rows) would make every reader pay per-group overhead. Like
+    `WriteToParquet`'s own buffering, a table goes out at the end of a bundle, or earlier
+    once `row_group_bytes` are buffered. The job's input is bounded, so the table left at
+    the end of a bundle belongs to the global window.
+
+    Args:
+      model_label: the `model` column's value ("name/version").
+      row_group_bytes: Arrow bytes buffered before a table is emitted mid-bundle.
+    """
+
+    def __init__(self, model_label: str, row_group_bytes: int = ROW_GROUP_BYTES) -> None:
+        self._model_label = model_label
+        self._row_group_bytes = row_group_bytes
+        self._batches: list[pa.RecordBatch] = []
+        self._bytes = 0
+
+    def start_bundle(self) -> None:
+        self._batches, self._bytes = [], 0
+
+    def process(self, result: PredictionResult) -> Iterator[pa.Table]:
+        inference = result.inference
+        batch = C.top_k_batch(
+            inference[C.USER_ID], inference[C.ITEM_IDS], inference[C.SCORES], self._model_label
+        )
+        self._batches.append(batch)
+        self._bytes += batch.nbytes
+        if self._bytes >= self._row_group_bytes:
+            yield self._table()
+
+    def finish_bundle(self) -> Iterator[Any]:
+        if self._batches:
+            yield GlobalWindows.windowed_value(self._table())
+
+    def _table(self) -> pa.Table:
+        table = pa.Table.from_batches(self._batches, schema=C.SCHEMA)
+        self._batches, self._bytes = [], 0
+        return table
 
 
 class UsersToCandidates(beam.PTransform):
-    """Serialized user examples -> candidate rows (dicts with the candidates schema).
+    """Serialized user examples -> Arrow tables of candidate rows (the candidates schema).
 
-    `Spread` (a Reshuffle) lets every worker score: a gzip TFRecord shard cannot be split,
-    so without it the worker that reads a split's only shard would also score all of it.
+    Users are batched first, so everything after `BatchUsers` moves one batch per element
+    (module docstring); `Spread` (a Reshuffle of those batches) lets every worker score: a
+    gzip TFRecord shard cannot be split, so without it the worker that reads a split's only
+    shard would also score all of it.
+
+    Args:
+      handler: the signature's RunInference handler (one batch per element).
+      model_label: the `model` column's value.
+      min_batch_size, max_batch_size: users per model call (BatchElements' bounds); equal
+        bounds fix the batch size.
     """
 
-    def __init__(self, handler: SavedModelSignatureHandler, model_label: str):
+    def __init__(
+        self,
+        handler: SavedModelSignatureHandler,
+        model_label: str,
+        *,
+        min_batch_size: int = 128,
+        max_batch_size: int = 128,
+    ) -> None:
         super().__init__()
+        if not 1 <= min_batch_size <= max_batch_size:
+            raise ValueError(
+                f"need 1 <= candidates.min_batch_size <= candidates.max_batch_size, got "
+                f"{min_batch_size} and {max_batch_size}"
+            )
         self._handler = handler
         self._model_label = model_label
+        self._min_batch_size = min_batch_size
+        self._max_batch_size = max_batch_size
 
     def expand(self, serialized_users):
         return (
             serialized_users
+            | "BatchUsers"
+            >> beam.BatchElements(
+                min_batch_size=self._min_batch_size, max_batch_size=self._max_batch_size
+            )
             | "Spread" >> beam.Reshuffle()
             | "RunInference" >> RunInference(self._handler)
-            | "ToCandidateRows" >> beam.Map(to_candidate_row, self._model_label)
+            | "ToCandidateTables" >> beam.ParDo(ToCandidateTables(self._model_label))
         )
 
 
@@ -323,17 +415,21 @@ def generate_candidates(
                 version_dir,
                 signature_of[split],
                 spec,
+                share_model_across_processes=config.share_model_across_processes,
+            )
+            candidates = UsersToCandidates(
+                handler,
+                model_label,
                 min_batch_size=config.min_batch_size,
                 max_batch_size=config.max_batch_size,
-                share_model_across_processes=config.share_model_across_processes,
             )
             _ = (
                 p
                 | f"ReadUsers[{split}]"
                 >> beam.io.ReadFromTFRecord(pattern, compression_type=CompressionTypes.GZIP)
-                | f"Candidates[{split}]" >> UsersToCandidates(handler, model_label)
+                | f"Candidates[{split}]" >> candidates
                 | f"WriteCandidates[{split}]"
-                >> beam.io.WriteToParquet(
+                >> beam.io.WriteToParquetBatched(
                     C.split_prefix(output_dir, model_name, split),
                     schema=C.SCHEMA,
                     file_name_suffix=".parquet",

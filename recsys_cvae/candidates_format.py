@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 USER_ID = "user_id"
@@ -97,6 +98,48 @@ def to_table(
             ),
             MODEL: pa.array([model] * len(user_ids), pa.string()),
         },
+        schema=SCHEMA,
+    )
+
+
+def top_k_batch(
+    user_ids: pa.Array, item_ids: pa.Array, scores: np.ndarray, model: str
+) -> pa.RecordBatch:
+    """A model's padded top-K answer for a batch of users -> rows with exactly SCHEMA.
+
+    Why: the top-K signatures answer `[batch, K]` tensors and pad a row whose history leaves
+    fewer than K items with "" ids (and -inf scores). Building the columns from the flat
+    arrays (list offsets from the per-row counts of real items, padding dropped by one Arrow
+    filter) costs a few vectorised passes per batch, where a Python list per user costs
+    tens of microseconds per user.
+
+    Args:
+      user_ids: [batch] strings.
+      item_ids: [batch * K] strings, row-major (user r's slots are `r*K .. r*K + K-1`), best
+        first; "" marks an empty slot.
+      scores: [batch, K] float32, the score of each slot.
+      model: the value of the `model` column.
+
+    Returns:
+      `batch` rows; row r holds user r's non-empty slots, in order, and their scores.
+    """
+    batch = len(user_ids)
+    if scores.ndim != 2 or scores.shape[0] != batch or len(item_ids) != scores.size:
+        raise CandidatesError(
+            f"top-K shapes differ: {batch} users, {len(item_ids)} item ids, scores "
+            f"{scores.shape}; expected [batch], [batch * K] and [batch, K]"
+        )
+    filled = pc.greater(pc.binary_length(item_ids), 0).to_numpy(zero_copy_only=False)
+    offsets = np.zeros(batch + 1, np.int32)
+    np.cumsum(filled.reshape(scores.shape).sum(axis=1), out=offsets[1:])
+    offsets = pa.array(offsets)
+    return pa.RecordBatch.from_arrays(
+        [
+            user_ids.cast(pa.string()),
+            pa.ListArray.from_arrays(offsets, item_ids.filter(pa.array(filled)).cast(pa.string())),
+            pa.ListArray.from_arrays(offsets, pa.array(scores.reshape(-1)[filled], pa.float32())),
+            pa.array([model] * batch, pa.string()),
+        ],
         schema=SCHEMA,
     )
 

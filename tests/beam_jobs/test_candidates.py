@@ -17,6 +17,7 @@ import math
 import os
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
@@ -160,21 +161,93 @@ def test_handler_drops_the_padding_when_a_history_leaves_fewer_than_k_items(
     build_toy_export(features_dir, str(tmp_path / "1"), top_k=len(items))  # K = catalogue
     handler = job.SavedModelSignatureHandler(str(tmp_path / "1"), "recommend", spec)
     batch = read_serialized(spec, "test")[:4]
-    results = list(handler.run_inference(batch, handler.load_model()))
-    for example, result in zip(batch, results):
+    # One element is one batch of users, and its prediction holds the whole batch.
+    (result,) = handler.run_inference([batch], handler.load_model())
+    assert result.example == batch
+    inference = result.inference
+    rows = C.top_k_batch(
+        inference[C.USER_ID], inference[C.ITEM_IDS], inference[C.SCORES], "m"
+    ).to_pylist()
+    for example, row in zip(batch, rows, strict=True):
         record = S.decode_user_example(example, spec.attributes)
-        assert result.example == record[S.USER_ID]
+        assert row[C.USER_ID] == record[S.USER_ID]
         # Every item not in the history, once; the "" / -inf tail of the K slots is gone.
-        assert sorted(result.inference["item_ids"]) == sorted(set(items) - set(record[S.HISTORY]))
-        assert len(result.inference["scores"]) == len(result.inference["item_ids"])
-        assert all(math.isfinite(score) for score in result.inference["scores"])
-    assert handler.get_num_bytes(batch) == sum(len(example) for example in batch)
+        assert sorted(row[C.ITEM_IDS]) == sorted(set(items) - set(record[S.HISTORY]))
+        assert len(row[C.SCORES]) == len(row[C.ITEM_IDS])
+        assert all(math.isfinite(score) for score in row[C.SCORES])
+    assert handler.get_num_bytes([batch]) == sum(len(example) for example in batch)
 
 
-def test_handler_rejects_bad_batch_bounds(features_dir):
-    spec = S.FeatureSpec.load(features_dir)
+def test_top_k_batch_keeps_the_filled_slots_of_each_row_in_order():
+    # Two users, K = 3: u1 got three items; u2's history left one, so "" / -inf pad its row.
+    batch = C.top_k_batch(
+        pa.array(["u1", "u2"]),
+        pa.array(["a", "b", "c", "d", "", ""]),
+        np.array([[3.0, 2.0, 1.0], [5.0, -np.inf, -np.inf]], np.float32),
+        "cvae/3",
+    )
+    assert batch.schema.equals(C.SCHEMA)
+    assert batch.to_pydict() == {
+        "user_id": ["u1", "u2"],
+        "item_ids": [["a", "b", "c"], ["d"]],
+        "scores": [[3.0, 2.0, 1.0], [5.0]],
+        "model": ["cvae/3", "cvae/3"],
+    }
+    with pytest.raises(C.CandidatesError, match="top-K shapes differ"):
+        C.top_k_batch(pa.array(["u1"]), pa.array(["a"]), np.zeros((1, 2), np.float32), "m")
+
+
+def test_arrow_strings_reads_joined_bytes_and_rejects_bad_utf8():
+    # "ab" + "" + "cde" joined: byte lengths 2, 0, 3.
+    assert job.arrow_strings(np.array([2, 0, 3]), b"abcde").to_pylist() == ["ab", "", "cde"]
+    with pytest.raises(pa.ArrowInvalid):
+        job.arrow_strings(np.array([1, 1]), b"a\xff")
+
+
+def test_users_to_candidates_rejects_bad_batch_bounds(features_dir):
+    handler = job.SavedModelSignatureHandler("x", "recommend", S.FeatureSpec.load(features_dir))
     with pytest.raises(ValueError, match="min_batch_size <= candidates.max_batch_size"):
-        job.SavedModelSignatureHandler("x", "recommend", spec, min_batch_size=9, max_batch_size=8)
+        job.UsersToCandidates(handler, "m", min_batch_size=9, max_batch_size=8)
+
+
+def per_user_reference(export_dir: str, spec: S.FeatureSpec, split: str) -> list[tuple]:
+    """The rows the per-user job wrote (a PredictionResult and a row dict per user), from the
+    raw signature: per user, the first k of its K slots, k = its number of non-"" item ids."""
+    signature = "generate" if split == "cold" else "recommend"
+    function = tf.saved_model.load(export_dir).signatures[signature]
+    serialized = read_serialized(spec, split)
+    user_ids, inputs = job.parse_users(tf.constant(serialized), spec, signature == "recommend")
+    outputs = function(**inputs)
+    rows = []
+    for user_id, ids, scores in zip(
+        user_ids.numpy(), outputs["item_ids"].numpy(), outputs["scores"].numpy().tolist()
+    ):
+        k = np.count_nonzero(ids != b"")
+        rows.append((user_id.decode(), [i.decode() for i in ids[:k]], scores[:k], "cvae/1"))
+    return sorted(rows)
+
+
+def test_per_batch_path_writes_the_rows_of_the_per_user_reference(features_dir, tmp_path):
+    spec = S.FeatureSpec.load(features_dir)
+    items = spec.item_vocabulary()
+    # K = the catalogue, so every warm user with a history gets fewer than K items.
+    build_toy_export(features_dir, str(tmp_path / "export" / "1"), top_k=len(items))
+    output_dir = str(tmp_path / "candidates")
+    # Batches of 3..7 users: several batches, of different sizes and history widths.
+    job.run(
+        ["--export-dir", str(tmp_path / "export"), "--features-dir", features_dir,
+         "--output-dir", output_dir, "--set", "candidates.splits=['test', 'cold']",
+         "--set", "candidates.min_batch_size=3", "--set", "candidates.max_batch_size=7"],
+        test_pipeline=BeamTestPipeline(),
+    )  # fmt: skip
+    for split in ("test", "cold"):
+        paths = C.split_files(output_dir, "cvae", split)
+        assert paths and all(pq.read_schema(p).equals(C.SCHEMA) for p in paths)
+        written = sorted(C.iter_rows(paths))
+        # Same users, item ids, float32 scores and labels, exactly.
+        assert written == per_user_reference(str(tmp_path / "export" / "1"), spec, split)
+        shorter = sum(len(ids) < len(items) for _, ids, _, _ in written)
+        assert shorter == (len(written) if split == "test" else 0), split
 
 
 def test_resolve_export_dir_takes_the_newest_integer_version(tmp_path):
