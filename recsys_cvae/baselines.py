@@ -8,7 +8,8 @@ opt-in neural ones, a TFRS two-tower (`recsys_cvae.two_tower`) and Mult-VAE
 (`recsys_cvae.multvae`), are the industry default and the CVAE without its attributes.
 
 The numpy ones are fitted in memory on the training users' histories (the same users the CVAE
-trains on) and tuned on the validation split with `config.selection_metric`:
+trains on, held sparsely: `Histories`) and tuned on the validation split with
+`config.selection_metric`:
 
     X        [num_train_users, num_items] 0/1 training histories
     popularity   score_i = Σ_u X[u, i]
@@ -50,41 +51,132 @@ class BaselineError(ValueError):
     """A baseline cannot be fitted or was asked for by an unknown name."""
 
 
+def _ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)]), without the loop."""
+    lengths = stops - starts
+    return np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+
+
+@dataclasses.dataclass(frozen=True)
+class Histories:
+    """Users' item sets as compressed sparse rows (CSR): user u holds the items
+    `indices[indptr[u]:indptr[u + 1]]`, ascending and without repeats.
+
+    Why not a dense [num_users, num_items] bool matrix: at ML-20M size (138k users x 26,744
+    items) one is 3.7 GB, and the weak protocol's train, validation and test splits (each
+    holding nearly every user) are alive at once; CSR holds the 20M interactions in 80 MB.
+    Scorers densify one chunk of rows at a time (`dense`).
+
+    Attributes:
+      indptr: [num_users + 1] int64 row offsets into `indices`.
+      indices: [num_interactions] int32 item indices.
+      num_items: catalogue size (the number of columns).
+    """
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    num_items: int
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[np.ndarray], num_items: int) -> Histories:
+        """From one ascending, repeat-free int array of item indices per user."""
+        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+        indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        indices = np.concatenate(rows).astype(np.int32) if rows else np.zeros(0, np.int32)
+        return cls(indptr, indices, num_items)
+
+    @classmethod
+    def from_dense(cls, matrix: np.ndarray) -> Histories:
+        """From a [num_users, num_items] matrix; every non-zero entry is an interaction."""
+        users, items = np.nonzero(matrix)
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(users, minlength=len(matrix)))])
+        return cls(indptr.astype(np.int64), items.astype(np.int32), matrix.shape[1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.indptr) - 1, self.num_items
+
+    def row(self, user: int) -> np.ndarray:
+        """[n] item indices of one user, ascending."""
+        return self.indices[self.indptr[user] : self.indptr[user + 1]]
+
+    def lengths(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
+        """[len(rows)] number of items of each user in rows."""
+        users = np.arange(self.shape[0])[rows]
+        return self.indptr[users + 1] - self.indptr[users]
+
+    def dense(self, rows: slice | np.ndarray = slice(None), dtype: Any = bool) -> np.ndarray:
+        """[len(rows), num_items] of `dtype`, 1 where the user has the item: for a chunk of
+        rows (a slice or an int array), never the whole split."""
+        users = np.arange(self.shape[0])[rows]
+        starts, stops = self.indptr[users], self.indptr[users + 1]
+        out = np.zeros((len(users), self.num_items), dtype=dtype)
+        within = np.repeat(np.arange(len(users)), stops - starts)
+        out[within, self.indices[_ranges(starts, stops)]] = 1
+        return out
+
+    def item_counts(self) -> np.ndarray:
+        """[num_items] float64: how many users have each item (the column sums)."""
+        return np.bincount(self.indices, minlength=self.num_items).astype(np.float64)
+
+    def gram(self) -> np.ndarray:
+        """XᵀX [num_items, num_items] float64: row i counts, per item j, the users having both.
+
+        Built item by item from the users of item i (a column-sorted copy of `indices`), so
+        the work is Σ_u |x_u|² index operations instead of a dense num_users x num_items²
+        product, and nothing but the result is larger than the interactions. Exact (integer
+        counts), so equal to the dense `X.T @ X`.
+        """
+        num_users, num_items = self.shape
+        user_of = np.repeat(np.arange(num_users, dtype=np.int64), np.diff(self.indptr))
+        users_by_item = user_of[np.argsort(self.indices, kind="stable")]
+        item_ptr = np.concatenate([[0], np.cumsum(np.bincount(self.indices, minlength=num_items))])
+        gram = np.zeros((num_items, num_items))
+        for i in range(num_items):
+            users = users_by_item[item_ptr[i] : item_ptr[i + 1]]
+            if len(users):
+                positions = _ranges(self.indptr[users], self.indptr[users + 1])
+                gram[i] = np.bincount(self.indices[positions], minlength=num_items)
+        return gram
+
+
 @dataclasses.dataclass
 class SplitData:
     """One split as matrices.
 
     Attributes:
       user_ids: [num_users] in file order.
-      history: [num_users, num_items] bool, True where the user has the item; items outside
-        the vocabulary are dropped. Bool, not float32: at ML-20M size (~100k training
-        users x 26,744 items) that is 2.8 GB instead of 11 GB; scorers cast row chunks.
+      history: [num_users, num_items] sparse (`Histories`): the items each user has; items
+        outside the vocabulary are dropped and a repeated item counts once.
       truth: user id -> held-out item ids, for users that have any.
       attributes: attribute name -> [num_users] values ("" or NaN = unknown).
     """
 
     user_ids: list[str]
-    history: np.ndarray
+    history: Histories
     truth: dict[str, set[str]]
     attributes: dict[str, list[Any]]
 
 
 def load_split(spec: S.FeatureSpec, split: str, item_index: dict[str, int]) -> SplitData:
     user_ids: list[str] = []
-    rows: list[list[int]] = []
+    rows: list[np.ndarray] = []
     truth: dict[str, set[str]] = {}
     attributes: dict[str, list[Any]] = {name: [] for name in spec.attribute_names}
     for record in S.read_user_records(spec, split):
         user_ids.append(record[S.USER_ID])
-        rows.append([item_index[i] for i in record[S.HISTORY] if i in item_index])
+        known = [item_index[i] for i in record[S.HISTORY] if i in item_index]
+        rows.append(np.unique(np.array(known, dtype=np.int32)))
         if record[S.TARGETS]:
             truth[record[S.USER_ID]] = set(record[S.TARGETS])
         for name in attributes:
             attributes[name].append(record[name])
-    history = np.zeros((len(user_ids), len(item_index)), dtype=bool)
-    for u, items in enumerate(rows):
-        history[u, items] = True
-    return SplitData(user_ids, history, truth, attributes)
+    return SplitData(user_ids, Histories.from_rows(rows, len(item_index)), truth, attributes)
+
+
+def _histories(history: Histories | np.ndarray) -> Histories:
+    """Accepts a dense [num_users, num_items] 0/1 matrix too (small cases, tests)."""
+    return history if isinstance(history, Histories) else Histories.from_dense(history)
 
 
 # ---- ranking ------------------------------------------------------------------------------------
@@ -135,7 +227,7 @@ def rankings(
     scores: list[list[float]] = []
     for start in range(0, len(data.user_ids), _CHUNK_USERS):
         rows = slice(start, start + _CHUNK_USERS)
-        order, best = top_k(scorer(data, rows), data.history[rows] > 0, k)
+        order, best = top_k(scorer(data, rows), data.history.dense(rows), k)
         for row_order, row_best in zip(order, best):
             keep = row_order >= 0
             item_ids.append([items[i] for i in row_order[keep]])
@@ -158,16 +250,17 @@ def validation_score(scorer: Scorer, data: SplitData, items: Sequence[str], metr
 # ---- models --------------------------------------------------------------------------------------
 
 
-def popularity(train_history: np.ndarray) -> np.ndarray:
+def popularity(train_history: Histories | np.ndarray) -> np.ndarray:
     """[num_items] interaction counts over the training users."""
-    return train_history.sum(axis=0, dtype=np.float64)
+    return _histories(train_history).item_counts()
 
 
 def popularity_scorer(global_scores: np.ndarray) -> Scorer:
     """Everyone gets the global counts [num_items]."""
 
     def score(data: SplitData, rows: slice) -> np.ndarray:
-        return np.broadcast_to(global_scores, data.history[rows].shape)
+        num_rows = len(range(data.history.shape[0])[rows])
+        return np.broadcast_to(global_scores, (num_rows, len(global_scores)))
 
     return score
 
@@ -176,20 +269,19 @@ def ease_scorer(weights: np.ndarray, global_scores: np.ndarray) -> Scorer:
     """x_user · B [num_items, num_items]; popularity for users with an empty history."""
 
     def score(data: SplitData, rows: slice) -> np.ndarray:
-        history = data.history[rows]
-        scores = history.astype(np.float64) @ weights
-        scores[history.sum(axis=1) == 0] = global_scores
+        scores = data.history.dense(rows, np.float64) @ weights
+        scores[data.history.lengths(rows) == 0] = global_scores
         return scores
 
     return score
 
 
-def item_knn_weights(train_history: np.ndarray, neighbours: int) -> np.ndarray:
+def item_knn_weights(train_history: Histories | np.ndarray, neighbours: int) -> np.ndarray:
     """ItemKNN: cosine similarity between item columns of X [num_items, num_items], zero
     diagonal, keeping the `neighbours` largest per item (0 keeps all)."""
-    x = train_history.astype(np.float64)
-    norms = np.sqrt(x.sum(axis=0))
-    similarity = x.T @ x
+    history = _histories(train_history)
+    norms = np.sqrt(history.item_counts())
+    similarity = history.gram()
     similarity /= np.outer(norms, norms).clip(min=1e-12)
     similarity[np.diag_indices_from(similarity)] = 0.0
     if 0 < neighbours < similarity.shape[0]:
@@ -198,10 +290,9 @@ def item_knn_weights(train_history: np.ndarray, neighbours: int) -> np.ndarray:
     return similarity
 
 
-def ease_weights(train_history: np.ndarray, l2: float) -> np.ndarray:
+def ease_weights(train_history: Histories | np.ndarray, l2: float) -> np.ndarray:
     """EASE's item-item matrix B [num_items, num_items] with a zero diagonal (closed form)."""
-    gram = train_history.T.astype(np.float64) @ train_history.astype(np.float64)
-    return ease_from_gram(gram, l2)
+    return ease_from_gram(_histories(train_history).gram(), l2)
 
 
 def ease_from_gram(gram: np.ndarray, l2: float) -> np.ndarray:
@@ -350,13 +441,14 @@ def _select_ease(
     if not lambdas:
         raise BaselineError("evaluate.ease_lambdas is empty; give at least one λ")
     global_scores = popularity(train.history)
+    gram = train.history.gram()  # once for every λ
     if validation is None:
-        weights = ease_weights(train.history, lambdas[0])
+        weights = ease_from_gram(gram, lambdas[0])
         return ease_scorer(weights, global_scores), {"l2": lambdas[0], "tried": {}}
     tried: dict[str, float] = {}
     best: tuple[float, float, Scorer] | None = None
     for l2 in lambdas:
-        scorer = ease_scorer(ease_weights(train.history, l2), global_scores)
+        scorer = ease_scorer(ease_from_gram(gram, l2), global_scores)
         value = validation_score(scorer, validation, items, config.selection_metric)
         tried[str(l2)] = value
         if best is None or value > best[0]:

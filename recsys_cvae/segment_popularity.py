@@ -24,10 +24,6 @@ if TYPE_CHECKING:
     from recsys_cvae.baselines import SplitData
 
 
-def _popularity(history: np.ndarray) -> np.ndarray:
-    return history.sum(axis=0, dtype=np.float64)
-
-
 def segment_keys(
     train: SplitData, attribute_kinds: dict[str, str], bins: int
 ) -> dict[str, Callable[[Any], Any]]:
@@ -70,15 +66,15 @@ class SegmentPopularity:
     ) -> None:
         self.attributes = tuple(attributes)
         self._keys = keys
-        self._global = _popularity(train.history) / max(len(train.user_ids), 1)
+        self._global = train.history.item_counts() / max(len(train.user_ids), 1)
         prior = prior_users * self._global
         sums: dict[tuple, np.ndarray] = {}
         sizes: dict[tuple, int] = {}
         for u, key in enumerate(self.segment_of(train, range(len(train.user_ids)))):
             if key is None:
                 continue
-            sums.setdefault(key, np.zeros(train.history.shape[1]))
-            sums[key] += train.history[u]
+            sums.setdefault(key, np.zeros(train.history.num_items))
+            sums[key][train.history.row(u)] += 1.0  # a user's items are distinct
             sizes[key] = sizes.get(key, 0) + 1
         self._scores = {key: (sums[key] + prior) / (sizes[key] + prior_users) for key in sums}
 

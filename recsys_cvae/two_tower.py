@@ -106,16 +106,26 @@ class TwoTower(tfrs.Model):
         )
 
 
-def _pairs(history: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(user row, positive item) for up to MAX_PAIRS_PER_USER items of each user's history."""
+def _pairs(history, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(user row, positive item) for up to MAX_PAIRS_PER_USER items of each user's history
+    (`baselines.Histories`)."""
     rows, items = [], []
-    for u, row in enumerate(history):
-        chosen = np.flatnonzero(row)
+    for u in range(history.shape[0]):
+        chosen = history.row(u)
         if len(chosen) > MAX_PAIRS_PER_USER:
             chosen = rng.choice(chosen, MAX_PAIRS_PER_USER, replace=False)
         rows.extend([u] * len(chosen))
         items.extend(chosen.tolist())
     return np.array(rows, dtype=np.int32), np.array(items, dtype=np.int32)
+
+
+def _multi_hot(history: tf.RaggedTensor, rows: tf.Tensor, num_items: int) -> tf.Tensor:
+    """[batch, num_items] float32 0/1 rows of a ragged [num_users, None] history: built per
+    batch, so the training users' dense matrix (11 GB at ML-20M size) never exists."""
+    chosen = tf.gather(history, rows)
+    coordinates = tf.stack([chosen.value_rowids(), chosen.flat_values], axis=1)
+    ones = tf.ones_like(chosen.flat_values, tf.float32)
+    return tf.scatter_nd(coordinates, ones, tf.stack([tf.size(rows, tf.int64), num_items]))
 
 
 def _dataset(history, attributes, rows, items, shuffle: bool, seed: int) -> tf.data.Dataset:
@@ -126,13 +136,16 @@ def _dataset(history, attributes, rows, items, shuffle: bool, seed: int) -> tf.d
 
     # logQ correction: in-batch negatives are drawn in proportion to popularity, so without
     # it popular items are pushed down as negatives far more often than they are positives.
-    counts = np.bincount(items, minlength=history.shape[1]).astype(np.float32)
+    num_items = history.num_items
+    counts = np.bincount(items, minlength=num_items).astype(np.float32)
     probability = tf.constant(counts / max(counts.sum(), 1.0))
-    history = tf.constant(history, tf.float32)
+    ragged = tf.RaggedTensor.from_row_splits(
+        tf.constant(history.indices.astype(np.int64)), tf.constant(history.indptr)
+    )
     attributes = tf.constant(attributes)
 
     def example(row, item):
-        rest = tf.gather(history, row) - tf.one_hot(item, tf.shape(history)[1])
+        rest = _multi_hot(ragged, row, num_items) - tf.one_hot(item, num_items)
         return {
             "attributes": tf.gather(attributes, row), "history": rest, "item": item,
             "probability": tf.gather(probability, item),
@@ -170,7 +183,7 @@ def fit_two_tower(spec, train, validation, categories, seed: int = 0) -> tuple[T
             batch_rows = np.array(vrows[u : u + BATCH_SIZE])
             users = model.user_embedding(
                 tf.constant(val_attributes[batch_rows]),
-                tf.constant(validation.history[batch_rows], tf.float32),
+                tf.constant(validation.history.dense(batch_rows, np.float32)),
             )
             items_batch = model.item_tower(tf.constant(vitems[u : u + BATCH_SIZE]))
             metric.update_state(users, items_batch)
@@ -194,7 +207,7 @@ def two_tower_scorer(spec, train, validation, items, config: EvaluateConfig):
     brute_force.index(model.item_tower(item_ids), item_ids)
 
     def score(data, rows: slice) -> np.ndarray:
-        history = data.history[rows]
+        history = data.history.dense(rows)
         attributes = encode_attributes(
             spec, {n: v[rows] for n, v in data.attributes.items()}
         )

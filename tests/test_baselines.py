@@ -189,17 +189,117 @@ def test_two_tower_writes_candidates_without_history_and_learns_on_synthetic(
     assert recall > 2 * 20 / spec.num_items
 
 
-def test_load_split_keeps_histories_as_booleans(toy_features):
-    # Bool, a quarter of float32's bytes: ML-20M's training matrix must fit in memory.
+def test_load_split_keeps_histories_sparse(toy_features):
+    # CSR, not a dense users x items matrix: ML-20M's splits must fit in memory together.
     from recsys_cvae import spec as S
 
     spec = S.FeatureSpec.load(toy_features)
     train = B.load_split(spec, "train", {item: i for i, item in enumerate(ITEMS)})
-    assert train.history.dtype == np.bool_
+    assert isinstance(train.history, B.Histories) and train.history.shape == (4, 4)
     # t1..t4 as in the module docstring; popularity i1 = 3, i2 = 2, i3 = 2, i4 = 1.
-    assert train.history.astype(int).tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1],
-                                                  [1, 0, 1, 0]]  # fmt: skip
+    assert train.history.indptr.tolist() == [0, 2, 4, 6, 8]
+    assert train.history.indices.tolist() == [0, 1, 0, 1, 2, 3, 0, 2]
+    assert train.history.dense().astype(int).tolist() == [[1, 1, 0, 0], [1, 1, 0, 0],
+                                                          [0, 0, 1, 1], [1, 0, 1, 0]]  # fmt: skip
     assert B.popularity(train.history).tolist() == [3.0, 2.0, 2.0, 1.0]
+
+
+def test_load_split_drops_unknown_items_and_counts_repeats_once(tmp_path):
+    write_toy_features(
+        str(tmp_path), ITEMS, {"region": ["north"]},
+        {"train": [
+            ("u1", ["i3", "zz", "i1", "i3", "i3"], [], {"region": "north"}),  # zz: unknown
+            ("u2", ["zz"], [], {"region": "north"}),  # nothing known: an empty row
+            ("u3", ["i4", "i2"], [], {"region": "north"}),
+        ]},
+    )  # fmt: skip
+    from recsys_cvae import spec as S
+
+    spec = S.FeatureSpec.load(str(tmp_path))
+    train = B.load_split(spec, "train", {item: i for i, item in enumerate(ITEMS)})
+    # u1 = {i1, i3} (ascending indices, i3 once), u2 = {}, u3 = {i2, i4}.
+    assert train.history.indptr.tolist() == [0, 2, 2, 4]
+    assert train.history.indices.tolist() == [0, 2, 1, 3]
+    assert train.history.lengths().tolist() == [2, 0, 2]
+    assert B.popularity(train.history).tolist() == [1.0, 1.0, 1.0, 1.0]  # i3 counted once
+
+
+def _dense_reference_rankings(x, weights, global_scores, k):
+    """What the baselines computed when histories were a dense bool matrix x (before CSR)."""
+    scores = x.astype(np.float64) @ weights
+    scores[x.sum(axis=1) == 0] = global_scores
+    return B.top_k(scores, x > 0, k)
+
+
+def test_sparse_histories_score_exactly_like_the_dense_matrix(monkeypatch):
+    # Random 0/1 histories with empty rows; chunks of 7 users so rows cross chunk borders.
+    monkeypatch.setattr(B, "_CHUNK_USERS", 7)
+    rng = np.random.default_rng(3)
+    x = rng.random((40, 12)) < 0.25
+    x[[0, 9, 33]] = False
+    history = B.Histories.from_dense(x)
+    assert history.dense().tolist() == x.tolist()
+    assert history.dense(np.array([9, 2, 2]), np.float32).tolist() == x[[9, 2, 2]].tolist()
+    dense_x = x.astype(np.float64)
+    gram = dense_x.T @ dense_x
+    np.testing.assert_array_equal(history.gram(), gram)  # integer counts: exact
+    np.testing.assert_array_equal(B.popularity(history), x.sum(axis=0, dtype=np.float64))
+    np.testing.assert_array_equal(B.ease_weights(history, 5.0), B.ease_from_gram(gram, 5.0))
+    np.testing.assert_array_equal(B.ease_weights(history, 5.0), B.ease_weights(x, 5.0))
+    knn = gram / np.outer(np.sqrt(x.sum(axis=0)), np.sqrt(x.sum(axis=0))).clip(min=1e-12)
+    knn[np.diag_indices_from(knn)] = 0.0
+    np.testing.assert_array_equal(B.item_knn_weights(history, 0), knn)
+
+    data = B.SplitData([f"u{u}" for u in range(len(x))], history, {}, {})
+    items = [f"i{i}" for i in range(x.shape[1])]
+    global_scores = B.popularity(history)
+    for weights in (B.ease_from_gram(gram, 5.0), knn, np.zeros_like(gram)):
+        ranked, scores = B.rankings(B.ease_scorer(weights, global_scores), data, items, 5)
+        order, best = _dense_reference_rankings(x, weights, global_scores, 5)
+        assert ranked == [[items[i] for i in row if i >= 0] for row in order]
+        assert scores == [row[row > -np.inf].tolist() for row in best]
+
+
+def test_segment_popularity_sums_sparse_rows_like_dense_ones():
+    from recsys_cvae.segment_popularity import SegmentPopularity
+
+    rng = np.random.default_rng(4)
+    x = rng.random((30, 9)) < 0.3
+    regions = rng.choice(["north", "south", ""], size=30).tolist()  # "" = unknown
+    train = B.SplitData([str(u) for u in range(30)], B.Histories.from_dense(x), {},
+                        {"region": regions})  # fmt: skip
+    model = SegmentPopularity(train, ["region"], {"region": lambda v: v or None}, 2.0)
+    share = x.sum(axis=0) / 30
+    for region in ("north", "south"):
+        members = x[[r == region for r in regions]]
+        expected = (members.sum(axis=0) + 2.0 * share) / (len(members) + 2.0)
+        row = regions.index(region)
+        np.testing.assert_allclose(model.scores(train, slice(row, row + 1))[0], expected,
+                                   rtol=1e-15)  # fmt: skip
+
+
+def test_two_tower_batches_equal_the_dense_rows():
+    import tensorflow as tf
+
+    from recsys_cvae.two_tower import MAX_PAIRS_PER_USER, _multi_hot, _pairs
+
+    rng = np.random.default_rng(5)
+    x = rng.random((20, 70)) < 0.8  # > MAX_PAIRS_PER_USER items: pairs are sampled
+    x[4] = False
+    history = B.Histories.from_dense(x)
+    ragged = tf.RaggedTensor.from_row_splits(history.indices.astype(np.int64), history.indptr)
+    rows = np.array([4, 0, 19, 0], dtype=np.int32)
+    np.testing.assert_array_equal(_multi_hot(ragged, tf.constant(rows), 70).numpy(), x[rows])
+    # The dense version: np.flatnonzero of each row, the same draws from the same generator.
+    expected_rows, expected_items, dense_rng = [], [], np.random.default_rng(0)
+    for u, row in enumerate(x):
+        chosen = np.flatnonzero(row)
+        if len(chosen) > MAX_PAIRS_PER_USER:
+            chosen = dense_rng.choice(chosen, MAX_PAIRS_PER_USER, replace=False)
+        expected_rows += [u] * len(chosen)
+        expected_items += chosen.tolist()
+    pairs_rows, pairs_items = _pairs(history, np.random.default_rng(0))
+    assert pairs_rows.tolist() == expected_rows and pairs_items.tolist() == expected_items
 
 
 def test_top_k_matches_a_full_stable_sort_with_many_ties():
