@@ -108,7 +108,7 @@ class TwoTower(tfrs.Model):
 
 def _pairs(history, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(user row, positive item) for up to MAX_PAIRS_PER_USER items of each user's history
-    (`baselines.Histories`)."""
+    (`histories.Histories`)."""
     rows, items = [], []
     for u in range(history.shape[0]):
         chosen = history.row(u)
