@@ -87,8 +87,9 @@ def pipeline_overrides(
     ]
     if default_protocols:
         return overrides
-    # One CVAE on the primary (strong) protocol, plus cold start: the weak protocol's
-    # splits hold every user, so every protocol triples the feature output and adds a CVAE.
+    # One CVAE on the primary (strong) protocol, plus cold start: the weak protocol's splits
+    # hold every user, so it triples the feature output, adds a CVAE and makes the baselines
+    # rank ~140k more users per split (docs/scaling.md).
     overrides.append('features.protocols=["strong", "cold"]')
     if "protocols" in train_fields():
         overrides.append('train.protocols=["strong"]')
