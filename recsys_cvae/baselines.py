@@ -44,8 +44,33 @@ NEURAL_BASELINES = ("two_tower",)
 PARAMS_FILE = "baseline.json"
 _CHUNK_USERS = 1024
 
-# scorer(data, rows) -> [len(rows), num_items] scores for those users of a split.
-Scorer = Callable[["SplitData", slice], np.ndarray]
+
+@dataclasses.dataclass(frozen=True)
+class SharedScores:
+    """Scores of a chunk of users who share a few distinct rows (popularity, segments).
+
+    Why not a dense matrix: every user of a segment has the same scores, so ranking each
+    distinct row once and skipping each user's history (`top_k_shared`) replaces a
+    [users, num_items] partition per chunk; at ML-20M size that made the popularity
+    baselines the slowest stage. A scorer that returns the same `table` object for every
+    chunk has it sorted once per split.
+
+    Attributes:
+      table: [num_distinct, num_items] float scores.
+      row_of: [num_rows] int, the table row of each user of the chunk.
+    """
+
+    table: np.ndarray
+    row_of: np.ndarray
+
+    def dense(self) -> np.ndarray:
+        """[num_rows, num_items]: what a dense scorer would have returned."""
+        return self.table[self.row_of]
+
+
+# scorer(data, rows) -> [len(rows), num_items] scores for those users of a split, dense or
+# as `SharedScores`.
+Scorer = Callable[["SplitData", slice], "np.ndarray | SharedScores"]
 
 
 class BaselineError(ValueError):
@@ -131,18 +156,102 @@ def top_k(scores: np.ndarray, exclude: np.ndarray, k: int) -> tuple[np.ndarray, 
     return order, best.astype(np.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class SortedTable:
+    """A `SharedScores.table` with each row's items ranked once, for `top_k_shared`.
+
+    Attributes:
+      table: [num_distinct, num_items] float scores.
+      order: [num_distinct, num_items] int64 items of each row best first, ties to the lower
+        index (`top_k`'s order).
+      position: [num_distinct, num_items] int32 inverse of `order`: where each item stands.
+    """
+
+    table: np.ndarray
+    order: np.ndarray
+    position: np.ndarray
+
+
+def sort_table(table: np.ndarray) -> SortedTable | None:
+    """Ranks every row of a shared table; None when it holds NaN, whose order only `top_k`
+    defines (the caller then densifies)."""
+    if np.isnan(table).any():
+        return None
+    order = np.argsort(-table, axis=1, kind="stable")
+    position = np.empty(order.shape, dtype=np.int32)
+    ranks = np.broadcast_to(np.arange(order.shape[1], dtype=np.int32), order.shape)
+    np.put_along_axis(position, order, ranks, axis=1)
+    return SortedTable(table, order, position)
+
+
+def top_k_shared(
+    ranked: SortedTable, row_of: np.ndarray, history: Histories, rows: slice, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`top_k(ranked.table[row_of], history.dense(rows), k)` without a dense row per user.
+
+    A user's list is the first k items of its row's order that are not in its history;
+    the history holds at most len(history) of them, so only the first k + len(history)
+    items of the order are candidates. All users of the chunk at once: each history item
+    is looked up in its user's order (`position`) and, when among the candidates, dropped.
+
+    Args:
+      ranked: `sort_table(table)` of the chunk's shared table.
+      row_of: [len(rows)] int, the table row of each user in rows.
+      history: the split's histories; rows selects the chunk's users.
+      k: list length.
+
+    Returns:
+      Exactly `top_k`'s ([num_users, k'] indices, [num_users, k'] float32 scores).
+    """
+    num_items = ranked.table.shape[1]
+    k = min(k, num_items)
+    users = np.arange(history.shape[0])[rows]
+    starts, lengths = history.indptr[users], history.indptr[users + 1] - history.indptr[users]
+    width = np.minimum(k + lengths, num_items)
+    offset = np.cumsum(width) - width  # where each user's candidates start
+    user_of = np.repeat(np.arange(len(users)), width)
+    table_row = row_of[user_of]
+    candidates = ranked.order[table_row, np.arange(len(user_of)) - offset[user_of]]
+    values = ranked.table[table_row, candidates]
+    had_user = np.repeat(np.arange(len(users)), lengths)
+    positions = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+    had = ranked.position[row_of[had_user], history.indices[positions + np.arange(len(positions))]]
+    among = had < width[had_user]
+    keep = ~np.isneginf(values)  # -inf scores end a list, as in top_k
+    keep[offset[had_user[among]] + had[among]] = False
+    kept_user = user_of[keep]
+    counts = np.bincount(kept_user, minlength=len(users))
+    rank = np.arange(len(kept_user)) - np.repeat(np.cumsum(counts) - counts, counts)
+    first = rank < k
+    index = np.full((len(users), k), -1, dtype=np.int64)
+    best = np.full((len(users), k), -np.inf, dtype=np.float32)
+    index[kept_user[first], rank[first]] = candidates[keep][first]
+    best[kept_user[first], rank[first]] = values[keep][first]
+    return index, best
+
+
 def rankings(
     scorer: Scorer, data: SplitData, items: Sequence[str], k: int
 ) -> tuple[list[list[str]], list[list[float]]]:
     """Item id lists and scores for every user of `data`, scored `_CHUNK_USERS` at a time."""
     item_ids: list[list[str]] = []
     scores: list[list[float]] = []
+    ids = np.empty(len(items), dtype=object)
+    ids[:] = list(items)
+    table, ranked = None, None  # the last shared table and `sort_table` of it
     for start in range(0, len(data.user_ids), _CHUNK_USERS):
         rows = slice(start, start + _CHUNK_USERS)
-        order, best = top_k(scorer(data, rows), data.history.dense(rows), k)
+        scored = scorer(data, rows)
+        if isinstance(scored, SharedScores) and scored.table is not table:
+            table, ranked = scored.table, sort_table(scored.table)
+        if isinstance(scored, SharedScores) and ranked is not None:
+            order, best = top_k_shared(ranked, scored.row_of, data.history, rows, k)
+        else:
+            dense = scored.dense() if isinstance(scored, SharedScores) else scored
+            order, best = top_k(dense, data.history.dense(rows), k)
         for row_order, row_best in zip(order, best):
             keep = row_order >= 0
-            item_ids.append([items[i] for i in row_order[keep]])
+            item_ids.append(ids[row_order[keep]].tolist())
             scores.append(row_best[keep].tolist())
     return item_ids, scores
 
@@ -170,9 +279,11 @@ def popularity(train_history: Histories | np.ndarray) -> np.ndarray:
 def popularity_scorer(global_scores: np.ndarray) -> Scorer:
     """Everyone gets the global counts [num_items]."""
 
-    def score(data: SplitData, rows: slice) -> np.ndarray:
+    table = np.asarray(global_scores)[None, :]  # one object for every chunk: sorted once
+
+    def score(data: SplitData, rows: slice) -> SharedScores:
         num_rows = len(range(data.history.shape[0])[rows])
-        return np.broadcast_to(global_scores, (num_rows, len(global_scores)))
+        return SharedScores(table, np.zeros(num_rows, dtype=np.int64))
 
     return score
 

@@ -21,7 +21,7 @@ from recsys_cvae import spec as S
 from recsys_cvae.config import EvaluateConfig
 
 if TYPE_CHECKING:
-    from recsys_cvae.baselines import SplitData
+    from recsys_cvae.baselines import SharedScores, SplitData
 
 
 def segment_keys(
@@ -76,7 +76,11 @@ class SegmentPopularity:
             sums.setdefault(key, np.zeros(train.history.num_items))
             sums[key][train.history.row(u)] += 1.0  # a user's items are distinct
             sizes[key] = sizes.get(key, 0) + 1
-        self._scores = {key: (sums[key] + prior) / (sizes[key] + prior_users) for key in sums}
+        # One table for every chunk (`SharedScores`, sorted once per split): row 0 = global.
+        self._row = {key: row for row, key in enumerate(sums, start=1)}
+        self._table = np.stack(
+            [self._global] + [(sums[key] + prior) / (sizes[key] + prior_users) for key in sums]
+        )
 
     def segment_of(self, data: SplitData, rows: Sequence[int]) -> list[tuple | None]:
         """The segment key of each user in rows; None when any of its values is unknown."""
@@ -86,11 +90,14 @@ class SegmentPopularity:
             keys.append(None if None in key else key)
         return keys
 
-    def scores(self, data: SplitData, rows: slice) -> np.ndarray:
-        """[len(rows), num_items]: the segment's scores; global shares for unknown segments."""
+    def scores(self, data: SplitData, rows: slice) -> SharedScores:
+        """[len(rows), num_items] as `SharedScores`: the segment's scores; global shares for
+        unknown segments (and segments no training user is in)."""
+        from recsys_cvae.baselines import SharedScores
+
         keys = self.segment_of(data, range(len(data.user_ids))[rows])
-        per_user = [self._scores.get(key, self._global) for key in keys]
-        return np.stack(per_user) if per_user else np.zeros((0, len(self._global)))
+        row_of = np.fromiter((self._row.get(key, 0) for key in keys), np.int64, len(keys))
+        return SharedScores(self._table, row_of)
 
 
 def select_segments(

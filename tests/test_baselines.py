@@ -274,8 +274,8 @@ def test_segment_popularity_sums_sparse_rows_like_dense_ones():
         members = x[[r == region for r in regions]]
         expected = (members.sum(axis=0) + 2.0 * share) / (len(members) + 2.0)
         row = regions.index(region)
-        np.testing.assert_allclose(model.scores(train, slice(row, row + 1))[0], expected,
-                                   rtol=1e-15)  # fmt: skip
+        np.testing.assert_allclose(model.scores(train, slice(row, row + 1)).dense()[0],
+                                   expected, rtol=1e-15)  # fmt: skip
 
 
 def test_two_tower_batches_equal_the_dense_rows():
@@ -317,3 +317,89 @@ def test_top_k_matches_a_full_stable_sort_with_many_ties():
         order, best = B.top_k(scores, exclude, k)
         assert order.tolist() == expected.tolist()
         assert best.tolist() == expected_best.astype(np.float32).tolist()
+
+
+def _dense_rankings(scorer, data, items, k):
+    """`B.rankings` as it was before `SharedScores`: every chunk densified and `top_k`-ed."""
+    ranked, scores = [], []
+    for start in range(0, len(data.user_ids), B._CHUNK_USERS):
+        rows = slice(start, start + B._CHUNK_USERS)
+        order, best = B.top_k(scorer(data, rows).dense(), data.history.dense(rows), k)
+        ranked += [[items[i] for i in row[row >= 0]] for row in order]
+        scores += [row[row > -np.inf].tolist() for row in best]
+    return ranked, scores
+
+
+def _random_split(rng, users, num_items, attributes):
+    """Histories from 0 items to the whole catalogue (short lists), some empty."""
+    density = rng.choice([0.0, 0.1, 0.5, 0.9, 1.0], size=(users, 1))
+    x = rng.random((users, num_items)) < density
+    return B.SplitData([f"u{u}" for u in range(users)], B.Histories.from_dense(x), {}, attributes)
+
+
+def test_shared_scores_rank_exactly_like_dense_top_k(monkeypatch):
+    # Small integer scores: many ties, which must go to the lower item index as in top_k;
+    # k from 0 to past the catalogue; chunks of 7 users so rows cross chunk borders.
+    monkeypatch.setattr(B, "_CHUNK_USERS", 7)
+    rng = np.random.default_rng(6)
+    for _ in range(60):
+        num_items, users = int(rng.integers(1, 30)), int(rng.integers(1, 25))
+        data = _random_split(rng, users, num_items, {})
+        items = [f"i{i}" for i in range(num_items)]
+        table = rng.integers(0, 4, size=(int(rng.integers(1, 5)), num_items)).astype(float)
+        table[rng.random(table.shape) < 0.1] = -np.inf  # never recommended, as excluded
+        row_of = rng.integers(0, len(table), size=users)
+
+        def shared(data, rows, table=table, row_of=row_of):
+            return B.SharedScores(table, row_of[rows])
+
+        for k in (0, 1, 3, num_items, num_items + 5):
+            assert B.rankings(shared, data, items, k) == _dense_rankings(shared, data, items, k)
+            ranked = B.sort_table(table)
+            order, best = B.top_k_shared(ranked, row_of, data.history, slice(None), k)
+            expected = B.top_k(table[row_of], data.history.dense(), k)
+            assert order.tolist() == expected[0].tolist()
+            assert best.tolist() == expected[1].tolist()
+
+
+def test_popularity_and_segment_popularity_rank_like_the_dense_path(monkeypatch):
+    from recsys_cvae.segment_popularity import SegmentPopularity
+
+    monkeypatch.setattr(B, "_CHUNK_USERS", 9)
+    rng = np.random.default_rng(7)
+    num_items = 15
+    items = [f"i{i}" for i in range(num_items)]
+    regions = rng.choice(["north", "south", "east", ""], size=40).tolist()
+    plans = rng.choice(["free", "premium"], size=40).tolist()
+    train = _random_split(rng, 40, num_items, {"region": regions, "plan": plans})
+    # "west" is not in training and "" is unknown: both fall back to the global row.
+    test_regions = rng.choice(["north", "south", "west", ""], size=50).tolist()
+    test_plans = rng.choice(["free", "premium", ""], size=50).tolist()
+    test = _random_split(rng, 50, num_items, {"region": test_regions, "plan": test_plans})
+    keys = {"region": lambda v: v or None, "plan": lambda v: v or None}
+    scorers = [B.popularity_scorer(B.popularity(train.history))]
+    scorers += [
+        SegmentPopularity(train, option, keys, prior).scores
+        for option in (["region"], ["region", "plan"])
+        for prior in (0.0, 2.0)  # m = 0: segment counts alone, many ties
+    ]
+    for scorer in scorers:
+        for k in (1, 4, num_items, 20):
+            assert B.rankings(scorer, test, items, k) == _dense_rankings(scorer, test, items, k)
+    fallback = SegmentPopularity(train, ["region"], keys, 2.0).scores(test, slice(None))
+    unknown = [r in ("west", "") for r in test_regions]
+    assert (fallback.row_of[unknown] == 0).all() and (fallback.row_of[~np.array(unknown)] > 0).all()
+    np.testing.assert_array_equal(fallback.table[0], B.popularity(train.history) / 40)
+
+
+def test_shared_scores_with_nan_fall_back_to_top_k():
+    data = B.SplitData(["a", "b"], B.Histories.from_dense(np.array([[1, 0, 0], [0, 0, 0]])), {}, {})
+    table = np.array([[np.nan, 2.0, 1.0]])
+
+    def shared(data, rows):
+        return B.SharedScores(table, np.zeros(len(data.user_ids[rows]), dtype=np.int64))
+
+    assert B.sort_table(table) is None
+    assert B.rankings(shared, data, ["x", "y", "z"], 2) == _dense_rankings(
+        shared, data, ["x", "y", "z"], 2
+    )
