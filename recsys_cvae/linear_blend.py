@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from recsys_cvae.baselines import ease_from_gram, top_k
+from recsys_cvae.baselines import ease_from_gram
 from recsys_cvae.data import make_dataset
 from recsys_cvae.metrics import hits_matrix, ndcg_at_k
+from recsys_cvae.ranking import top_k
 from recsys_cvae.spec import TARGETS, FeatureSpec
 
 log = logging.getLogger(__name__)

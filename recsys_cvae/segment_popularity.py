@@ -21,7 +21,8 @@ from recsys_cvae import spec as S
 from recsys_cvae.config import EvaluateConfig
 
 if TYPE_CHECKING:
-    from recsys_cvae.baselines import SharedScores, SplitData
+    from recsys_cvae.baselines import SplitData
+    from recsys_cvae.ranking import SharedScores
 
 
 def segment_keys(
@@ -93,7 +94,7 @@ class SegmentPopularity:
     def scores(self, data: SplitData, rows: slice) -> SharedScores:
         """[len(rows), num_items] as `SharedScores`: the segment's scores; global shares for
         unknown segments (and segments no training user is in)."""
-        from recsys_cvae.baselines import SharedScores
+        from recsys_cvae.ranking import SharedScores
 
         keys = self.segment_of(data, range(len(data.user_ids))[rows])
         row_of = np.fromiter((self._row.get(key, 0) for key in keys), np.int64, len(keys))
