@@ -243,7 +243,11 @@ def write_export(
     tf.io.gfile.makedirs(export_base)
     temp_dir = posixpath.join(export_base, f"{TEMP_PREFIX}{uuid.uuid4().hex}")
     try:
-        tf.saved_model.save(module, temp_dir, signatures=module.signatures())
+        # Serving never differentiates: leave out the custom gradients of the training-only
+        # maths (`layers.binary_history_product`'s is a sort by item, which would put a
+        # TopKV2 into `encode`'s function library for nothing).
+        options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
+        tf.saved_model.save(module, temp_dir, signatures=module.signatures(), options=options)
         _write_assets_extra(module, posixpath.join(temp_dir, ASSETS_EXTRA))
         if training_metrics is not None:
             tf.io.gfile.copy(training_metrics, posixpath.join(
