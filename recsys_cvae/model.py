@@ -288,15 +288,20 @@ class CVAE(tf.keras.Model):
             logits += self.item_item(self.linear_dropout(x, training=training))
         return logits
 
+    def _posterior(
+        self, features: Mapping[str, tf.Tensor], sparse: tuple[tf.Tensor, tf.Tensor],
+        training: bool,
+    ) -> tuple[tf.Tensor | None, tf.Tensor, tf.Tensor, tf.Tensor]:
+        """(c, z_mean, z_log_var, z) of q(z|x,c): z is a reparametrised draw when training,
+        the mean otherwise."""
+        c = self.condition(features)
+        z_mean, z_log_var = self._encode_sparse(features, sparse, c, training)
+        return c, z_mean, z_log_var, _reparametrise(z_mean, z_log_var) if training else z_mean
+
     def _elbo(self, features: Mapping[str, tf.Tensor], training: bool) -> dict[str, tf.Tensor]:
         """Per-example terms (`[batch]`) and the logits (`[batch, num_items]`), float32."""
         x, sparse = self.history_both(features)
-        c = self.condition(features)
-        z_mean, z_log_var = self._encode_sparse(features, sparse, c, training)
-        if training:
-            z = z_mean + tf.exp(0.5 * z_log_var) * tf.random.normal(tf.shape(z_mean))
-        else:
-            z = z_mean
+        c, z_mean, z_log_var, z = self._posterior(features, sparse, training)
         prior_mean, prior_log_var = self.prior_params(c, tf.shape(x)[0])
         kl = gaussian_kl(z_mean, z_log_var, prior_mean, prior_log_var)
         prior_rows = self._prior_rows(prior_mean, prior_log_var, training)
@@ -374,8 +379,7 @@ class CVAE(tf.keras.Model):
         if 0.0 < fraction < 1.0:
             m = tf.cast(tf.math.ceil(fraction * tf.cast(batch_size, tf.float32)), tf.int32)
             m = tf.clip_by_value(m, tf.minimum(1, batch_size), batch_size)
-        noise = tf.random.normal(tf.shape(prior_mean[:m]))
-        return prior_mean[:m] + tf.exp(0.5 * prior_log_var[:m]) * noise, m
+        return _reparametrise(prior_mean[:m], prior_log_var[:m]), m
 
     def _prior_term(
         self, x: tf.Tensor, sparse: tuple[tf.Tensor, ...], logits: tf.Tensor, m: tf.Tensor
@@ -405,12 +409,7 @@ class CVAE(tf.keras.Model):
         """
         # [batch, n] each: 1 + item index (0 = padding or a repeat), x's value there.
         sparse = indices, weights = self.history_sparse(features)
-        c = self.condition(features)
-        z_mean, z_log_var = self._encode_sparse(features, sparse, c, training)
-        if training:
-            z = z_mean + tf.exp(0.5 * z_log_var) * tf.random.normal(tf.shape(z_mean))
-        else:
-            z = z_mean
+        c, z_mean, z_log_var, z = self._posterior(features, sparse, training)
         known = indices > 0
         positives, column = tf.unique(tf.boolean_mask(indices, known) - 1)  # P: [p] items
         rows = tf.broadcast_to(tf.range(tf.shape(indices)[0])[:, None], tf.shape(indices))
@@ -551,6 +550,11 @@ def _log_partition(logits: tf.Tensor) -> tf.Tensor:
 def _scaled_softmax(logits: tf.Tensor, log_z: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
     """softmax(logits) · scale per row, `[batch, num_items]`: one fused pass (`_log_partition`)."""
     return tf.exp(logits - log_z[:, None]) * scale[:, None]
+
+
+def _reparametrise(mean: tf.Tensor, log_var: tf.Tensor) -> tf.Tensor:
+    """z = μ + σ · ε, ε ~ N(0, I): a draw whose gradient reaches μ and log σ² (Kingma & Welling)."""
+    return mean + tf.exp(0.5 * log_var) * tf.random.normal(tf.shape(mean))
 
 
 def _spread_over_batch(term: tf.Tensor, batch_size: tf.Tensor, m: tf.Tensor) -> tf.Tensor:
