@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 
-def _ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+def ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
     """np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)]), without the loop."""
     lengths = stops - starts
     return np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
@@ -75,7 +75,7 @@ class Histories:
         starts, stops = self.indptr[users], self.indptr[users + 1]
         out = np.zeros((len(users), self.num_items), dtype=dtype)
         within = np.repeat(np.arange(len(users)), stops - starts)
-        out[within, self.indices[_ranges(starts, stops)]] = 1
+        out[within, self.indices[ranges(starts, stops)]] = 1
         return out
 
     def item_counts(self) -> np.ndarray:
@@ -98,6 +98,6 @@ class Histories:
         for i in range(num_items):
             users = users_by_item[item_ptr[i] : item_ptr[i + 1]]
             if len(users):
-                positions = _ranges(self.indptr[users], self.indptr[users + 1])
+                positions = ranges(self.indptr[users], self.indptr[users + 1])
                 gram[i] = np.bincount(self.indices[positions], minlength=num_items)
         return gram

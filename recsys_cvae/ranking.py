@@ -11,7 +11,7 @@ import dataclasses
 
 import numpy as np
 
-from recsys_cvae.histories import Histories
+from recsys_cvae.histories import Histories, ranges
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +35,6 @@ class SharedScores:
     def dense(self) -> np.ndarray:
         """[num_rows, num_items]: what a dense scorer would have returned."""
         return self.table[self.row_of]
-
 
 
 def top_k(scores: np.ndarray, exclude: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -63,7 +62,7 @@ def top_k(scores: np.ndarray, exclude: np.ndarray, k: int) -> tuple[np.ndarray, 
     kth = np.partition(masked, num_items - k, axis=1)[:, num_items - k]
     rows, columns = np.nonzero(masked >= kth[:, None])
     counts = np.bincount(rows, minlength=len(masked))
-    slots = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+    slots = ranges(np.zeros_like(counts), counts)  # each entry's place within its row
     index = np.zeros((len(masked), int(counts.max())), dtype=np.int64)
     values = np.full(index.shape, -np.inf)  # padding: never above a real candidate
     index[rows, slots] = columns
@@ -125,22 +124,22 @@ def top_k_shared(
     num_items = ranked.table.shape[1]
     k = min(k, num_items)
     users = np.arange(history.shape[0])[rows]
-    starts, lengths = history.indptr[users], history.indptr[users + 1] - history.indptr[users]
+    starts, stops = history.indptr[users], history.indptr[users + 1]
+    lengths = stops - starts
     width = np.minimum(k + lengths, num_items)
     offset = np.cumsum(width) - width  # where each user's candidates start
     user_of = np.repeat(np.arange(len(users)), width)
     table_row = row_of[user_of]
-    candidates = ranked.order[table_row, np.arange(len(user_of)) - offset[user_of]]
+    candidates = ranked.order[table_row, ranges(np.zeros_like(width), width)]
     values = ranked.table[table_row, candidates]
     had_user = np.repeat(np.arange(len(users)), lengths)
-    positions = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
-    had = ranked.position[row_of[had_user], history.indices[positions + np.arange(len(positions))]]
+    had = ranked.position[row_of[had_user], history.indices[ranges(starts, stops)]]
     among = had < width[had_user]
     keep = ~np.isneginf(values)  # -inf scores end a list, as in top_k
     keep[offset[had_user[among]] + had[among]] = False
     kept_user = user_of[keep]
     counts = np.bincount(kept_user, minlength=len(users))
-    rank = np.arange(len(kept_user)) - np.repeat(np.cumsum(counts) - counts, counts)
+    rank = ranges(np.zeros_like(counts), counts)
     first = rank < k
     index = np.full((len(users), k), -1, dtype=np.int64)
     best = np.full((len(users), k), -np.inf, dtype=np.float32)

@@ -28,6 +28,7 @@ import tensorflow_recommenders as tfrs
 
 from recsys_cvae import spec as S
 from recsys_cvae.config import EvaluateConfig
+from recsys_cvae.histories import Histories
 
 EMBEDDING_DIM = 32
 HIDDEN = 128
@@ -106,9 +107,8 @@ class TwoTower(tfrs.Model):
         )
 
 
-def _pairs(history, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(user row, positive item) for up to MAX_PAIRS_PER_USER items of each user's history
-    (`histories.Histories`)."""
+def _pairs(history: Histories, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(user row, positive item) for up to MAX_PAIRS_PER_USER items of each user's history."""
     rows, items = [], []
     for u in range(history.shape[0]):
         chosen = history.row(u)
