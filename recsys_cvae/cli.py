@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NoReturn
 
 from recsys_cvae.config import Config, load_config
+from recsys_cvae.export_layout import absolute_local_path
 from recsys_cvae.memory import PeakMemory, release_free_memory
 
 if TYPE_CHECKING:
@@ -48,9 +49,14 @@ class Workdir:
     data: str = ""
 
     def __post_init__(self) -> None:
+        # Resolved once, here at the CLI boundary: every stage (and every subprocess a stage
+        # starts in another folder, such as the export verifier) then sees the same folder
+        # whatever its cwd. URLs (gs://...) are left as they are.
+        self.root = absolute_local_path(self.root)
         for name in ("features", "model", "export", "candidates", "report", "data"):
-            if not getattr(self, name):
-                setattr(self, name, os.path.join(self.root, name))
+            value = getattr(self, name)
+            default = os.path.join(self.root, name)
+            setattr(self, name, absolute_local_path(value) if value else default)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Workdir:
@@ -204,8 +210,16 @@ def run_pipeline(data_dir: str, work: Workdir, config: Config, beam_args: list[s
     metrics = timer.run("evaluate", run_evaluate, work, config, data_dir)
     print("\nStage durations\n" + timer.table())
     print_metrics(metrics)
-    print(f"\nReport: {os.path.join(work.report, 'report.md')}")
+    print_report_location(work)
     return metrics
+
+
+def print_report_location(work: Workdir) -> None:
+    """Points at the HTML report (tables, plots, what-if panel) first, then its Markdown twin."""
+    from recsys_cvae.evaluation import HTML_FILE, REPORT_FILE
+
+    print(f"\nReport: {os.path.join(work.report, HTML_FILE)}"
+          f" (Markdown: {os.path.join(work.report, REPORT_FILE)})")
 
 
 def print_metrics(metrics: dict) -> None:
@@ -447,6 +461,7 @@ def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
         print("wrote baselines:", ", ".join(run_baselines(work, config)))
     elif args.command == "evaluate":
         print_metrics(run_evaluate(work, config, args.data_dir or ""))
+        print_report_location(work)
     elif args.command in ("pipeline", "demo"):
         data_dir = getattr(args, "data_dir", None) or write_demo_data(
             work, args.synthetic_users, args.synthetic_items, args.synthetic_seed

@@ -55,6 +55,7 @@ import tensorflow as tf
 
 from recsys_cvae import spec as S
 from recsys_cvae.config import ExportConfig
+from recsys_cvae.export_layout import absolute_local_path
 from recsys_cvae.top_k import ONE_PIECE_MAX_LOGITS, catalogue_top_k, uses_chunks
 
 logger = logging.getLogger(__name__)
@@ -383,8 +384,11 @@ def run_verifier(export_dir: str, cases_path: str) -> dict:
     """Runs `serving.verify_export` in a fresh interpreter; its last stdout line is JSON."""
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(S.__file__)))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    # The child runs in the repository root (so `serving` imports without recsys_cvae), not
+    # in the caller's folder: a relative path must be made absolute here, in the caller's cwd.
     command = [sys.executable, "-m", "serving.verify_export",
-               "--export-dir", export_dir, "--cases", cases_path]
+               "--export-dir", absolute_local_path(export_dir),
+               "--cases", absolute_local_path(cases_path)]
     try:
         result = subprocess.run(command, capture_output=True, text=True, env=env,
                                 cwd=repo_root, timeout=VERIFY_TIMEOUT_S)

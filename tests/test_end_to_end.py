@@ -15,10 +15,13 @@ import textwrap
 
 import pytest
 
-CLI = [sys.executable, "-m", "recsys_cvae.cli"]
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The console script a user runs (`pip install` puts it beside the interpreter).
+_SCRIPT = os.path.join(os.path.dirname(sys.executable), "recsys-cvae")
+CLI = [_SCRIPT] if os.path.exists(_SCRIPT) else [sys.executable, "-m", "recsys_cvae.cli"]
 
 
-def _run(args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
+def _run(args: list[str], timeout_s: float, cwd: str = REPO_ROOT) -> subprocess.CompletedProcess:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     return subprocess.run(
         args,
@@ -26,19 +29,23 @@ def _run(args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
         text=True,
         timeout=timeout_s,
         env=env,
-        cwd=os.path.dirname(os.path.dirname(__file__)),
+        cwd=cwd,
     )
 
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory) -> tuple[str, subprocess.CompletedProcess]:
-    workdir = str(tmp_path_factory.mktemp("e2e"))
+    # As a user runs it: from their own (empty) folder outside the repository, with a
+    # relative workdir, so every path a stage hands a subprocess must be resolved.
+    user_folder = str(tmp_path_factory.mktemp("user-folder"))
+    assert not user_folder.startswith(REPO_ROOT)
+    workdir = os.path.join(user_folder, "runs", "e2e")
     result = _run(
         [
             *CLI,
             "pipeline",
             "--workdir",
-            workdir,
+            os.path.join("runs", "e2e"),
             "--synthetic-users",
             "800",
             "--synthetic-items",
@@ -49,17 +56,20 @@ def pipeline_run(tmp_path_factory) -> tuple[str, subprocess.CompletedProcess]:
             "train.verbose=0",
         ],
         timeout_s=900,
+        cwd=user_folder,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir, result
 
 
 def test_pipeline_prints_durations_and_metrics(pipeline_run):
-    _, result = pipeline_run
+    workdir, result = pipeline_run
     assert "Stage durations" in result.stdout
     for stage in ("features", "train", "export", "candidates", "baselines", "evaluate"):
         assert f"| {stage} |" in result.stdout
     assert "Metrics on the test users" in result.stdout
+    html = os.path.join(workdir, "report", "report.html")
+    assert f"Report: {html}" in result.stdout and os.path.exists(html)
 
 
 def test_cvae_beats_popularity_on_held_out_users(pipeline_run):

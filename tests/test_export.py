@@ -348,6 +348,19 @@ def test_verifier_in_a_fresh_process_rejects_a_tampered_case(exported, cases, tm
         E.run_verifier(export_dir, str(path))
 
 
+def test_verifier_takes_paths_relative_to_the_callers_folder(exported, cases, tmp_path,
+                                                            monkeypatch):
+    # The verifier runs in the repository root; a user's relative paths are theirs, not its.
+    export_dir, _ = exported
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    monkeypatch.chdir(tmp_path)
+    relative_export = os.path.relpath(export_dir, tmp_path)
+    assert not os.path.isabs(relative_export)
+    summary = E.run_verifier(relative_export, "cases.json")
+    assert summary["signatures"] == ["encode", "generate", "recommend", "serving_default"]
+    assert summary["rows"] == 4 * (6 + 2)
+
+
 def test_verifier_refuses_to_run_with_recsys_cvae_imported(exported, cases, tmp_path):
     export_dir, _ = exported
     path = tmp_path / "cases.json"
