@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NoReturn
 
 from recsys_cvae.config import Config, load_config
-from recsys_cvae.export_layout import absolute_local_path
 from recsys_cvae.memory import PeakMemory, release_free_memory
+from recsys_cvae.spec import absolute_local_path
 
 if TYPE_CHECKING:
     from recsys_cvae.protocol_models import ProtocolModel

@@ -55,7 +55,6 @@ import tensorflow as tf
 
 from recsys_cvae import spec as S
 from recsys_cvae.config import ExportConfig
-from recsys_cvae.export_layout import absolute_local_path
 from recsys_cvae.top_k import ONE_PIECE_MAX_LOGITS, catalogue_top_k, uses_chunks
 
 logger = logging.getLogger(__name__)
@@ -387,8 +386,8 @@ def run_verifier(export_dir: str, cases_path: str) -> dict:
     # The child runs in the repository root (so `serving` imports without recsys_cvae), not
     # in the caller's folder: a relative path must be made absolute here, in the caller's cwd.
     command = [sys.executable, "-m", "serving.verify_export",
-               "--export-dir", absolute_local_path(export_dir),
-               "--cases", absolute_local_path(cases_path)]
+               "--export-dir", S.absolute_local_path(export_dir),
+               "--cases", S.absolute_local_path(cases_path)]
     try:
         result = subprocess.run(command, capture_output=True, text=True, env=env,
                                 cwd=repo_root, timeout=VERIFY_TIMEOUT_S)

@@ -6,19 +6,9 @@ panel) find the newest version without importing model code.
 
 from __future__ import annotations
 
-import os
 import posixpath
 
 SAVED_MODEL_FILE = "saved_model.pb"
-
-
-def absolute_local_path(path: str) -> str:
-    """`path` made absolute against this process's cwd; URLs (gs://, s3://, ...) unchanged.
-
-    Stages may start subprocesses in another folder (the export verifier runs in the
-    repository root), so a path the user typed relative to their own folder is resolved once.
-    """
-    return path if "://" in path else os.path.abspath(path)
 
 
 def newest_export(export_base: str) -> str | None:

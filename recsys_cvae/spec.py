@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import posixpath
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -60,6 +61,15 @@ DEFAULT_PROTOCOLS: dict[str, dict[str, str]] = {
     STRONG: {"train": TRAIN, "validation": VALIDATION, "test": TEST},
     COLD_START: {"test": COLD},
 }
+
+
+def absolute_local_path(path: str) -> str:
+    """`path` made absolute against this process's cwd; URLs (gs://, s3://, ...) unchanged.
+
+    Stages may start subprocesses in another folder (the export verifier runs in the
+    repository root), so a path the user typed relative to their own folder is resolved once.
+    """
+    return path if "://" in path else os.path.abspath(path)
 
 
 class SpecError(ValueError):

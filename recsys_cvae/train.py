@@ -39,7 +39,7 @@ from recsys_cvae.config import Config
 from recsys_cvae.data import make_dataset
 from recsys_cvae.linear_blend import blend_closed_form, gram_matrix
 from recsys_cvae.model import BEST_WEIGHTS, CONFIG_FILE, CVAE, build_model, load_trained_model
-from recsys_cvae.spec import FeatureSpec, SpecError
+from recsys_cvae.spec import FeatureSpec, SpecError, absolute_local_path
 from recsys_cvae.strategy import (
     STRATEGIES,
     choose_strategy,
@@ -153,8 +153,7 @@ def train(
     resume = tf.train.latest_checkpoint(os.path.join(backup_dir, "chief")) is not None
     if chief:
         # Absolute, so `load_trained_model` works from any working directory.
-        where = features_dir if "://" in features_dir else os.path.abspath(features_dir)
-        resolved = {"features_dir": where, **config.to_dict()}
+        resolved = {"features_dir": absolute_local_path(features_dir), **config.to_dict()}
         with tf.io.gfile.GFile(os.path.join(model_dir, CONFIG_FILE), "w") as f:
             f.write(json.dumps(resolved, indent=2) + "\n")
 
