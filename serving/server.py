@@ -14,7 +14,10 @@ The services:
 - `tensorflow.serving.ModelService`: `GetModelStatus` (START, LOADING, AVAILABLE, UNLOADING, END).
 - `grpc.health.v1.Health`: SERVING once every model has an available version.
 - optionally TF Serving's REST API (`--rest-api-port`, see `serving/rest.py`).
-Request validation (which request is refused, with which code) lives in `serving/servable.py`.
+Request validation (which request is refused, with which code) lives in `serving/servable.py`,
+the gRPC service classes in `serving/grpc_services.py`, and the process-facing steps (TLS files,
+binding, stop signals) in `serving/lifecycle.py`; this module resolves models and answers
+requests, and owns the start/stop order.
 
 Versions follow TF Serving's version policy (default latest 1; see `serving/versions.py`): a
 background thread polls each base path, loads a newer version (replaying
@@ -35,31 +38,24 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import threading
-import time
-from concurrent import futures
 from typing import NoReturn
 
 import grpc
 import tensorflow as tf
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from tensorflow_serving.apis import (
-    get_model_metadata_pb2,
-    get_model_status_pb2,
-    model_service_pb2_grpc,
-    predict_pb2,
-    prediction_service_pb2_grpc,
-)
+from grpc_health.v1 import health, health_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, predict_pb2
 
 from serving.batching import Batcher
 from serving.flags import MIB, add_server_arguments, server_kwargs
+from serving.grpc_services import SERVICE_NAMES, grpc_server
+from serving.lifecycle import StopSignals, bind_grpc, grpc_credentials, rest_ssl_context
+from serving.rest import RestServer
 from serving.servable import (
     DEFAULT_SIGNATURE,
     RpcError,
     Servable,
-    first_line,
     invalid,
     output_proto,
     run_signature,
@@ -67,8 +63,6 @@ from serving.servable import (
 from serving.versions import ModelConfig, ModelVersions, read_model_config_file
 
 log = logging.getLogger(__name__)
-
-SERVICE_NAMES = ("tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
 
 
 class ModelServer:
@@ -134,8 +128,8 @@ class ModelServer:
         self._server: grpc.Server | None = None
         self._health = health.HealthServicer()
         self.rest_port = rest_api_port
-        self._rest = None
-        self._stop_signals: list[int] | None = None  # see catch_stop_signals()
+        self._rest: RestServer | None = None
+        self._stop_signals = StopSignals()
 
     # -- versions -------------------------------------------------------------------------
 
@@ -228,68 +222,48 @@ class ModelServer:
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> int:
-        """Loads the newest versions (if any), binds and starts serving; returns the port."""
-        for model in self.models.values():
-            if not tf.io.gfile.isdir(model.config.base_path):
-                raise FileNotFoundError(f"--model-base-path {model.config.base_path}: not a "
-                                        "folder of integer versions")
-        credentials = self._server_credentials() if self.ssl_cert else None  # fail early
+        """Loads the newest versions (if any), binds and starts serving; returns the port.
+
+        The order matters: bad flags (missing base path, unreadable PEM files) fail before the
+        slow first load, and a port that cannot be bound leaves no poller thread behind.
+        """
+        self._check_base_paths()
+        credentials = grpc_credentials(self.ssl_cert, self.ssl_key) if self.ssl_cert else None
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.poll()
-        for model in self.models.values():
-            if not model.available:
-                log.warning("no version under %s yet; waiting for one", model.config.base_path)
-        options = [
-            ("grpc.max_receive_message_length", self.max_message_bytes),
-            ("grpc.max_send_message_length", self.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ]
-        server = grpc.server(futures.ThreadPoolExecutor(self._max_workers), options=options)
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            _PredictionServicer(self), server)
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(_ModelServicer(self), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        address = f"{self.host}:{self.port}"
-        try:
-            if credentials is not None:
-                self.port = server.add_secure_port(address, credentials)
-            else:
-                self.port = server.add_insecure_port(address)
-        except RuntimeError as error:
-            raise OSError(f"cannot bind {address}: {error}") from None
-        server.start()
-        self._server = server
+        self._load_first_versions()
+        self._start_grpc(credentials)
         self._poller = threading.Thread(target=self._poll_loop, name="version-poller", daemon=True)
         self._poller.start()
         if self.rest_port is not None:
-            from serving.rest import RestServer
-
-            self._rest = RestServer(self, self.host, self.rest_port, self._ssl_context())
-            self.rest_port = self._rest.start()
-            log.info("REST on %s:%d", self.host, self.rest_port)
+            self._start_rest()
         log.info("gRPC on %s:%d, models %s%s", self.host, self.port, ", ".join(self.models),
                  " (TLS)" if self.ssl_cert else "")
         return self.port
 
-    def _server_credentials(self) -> grpc.ServerCredentials:
-        pair = []
-        for flag, path in (("--ssl-key", self.ssl_key), ("--ssl-cert", self.ssl_cert)):
-            try:
-                with open(path, "rb") as f:
-                    pair.append(f.read())
-            except OSError as error:
-                raise OSError(
-                    f"{flag} {path}: cannot read the PEM file ({error.strerror})") from None
-        return grpc.ssl_server_credentials([tuple(pair)])
+    def _check_base_paths(self) -> None:
+        for model in self.models.values():
+            if not tf.io.gfile.isdir(model.config.base_path):
+                raise FileNotFoundError(f"--model-base-path {model.config.base_path}: not a "
+                                        "folder of integer versions")
 
-    def _ssl_context(self):
-        if self.ssl_cert is None:
-            return None
-        import ssl
+    def _load_first_versions(self) -> None:
+        self.poll()
+        for model in self.models.values():
+            if not model.available:
+                log.warning("no version under %s yet; waiting for one", model.config.base_path)
 
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(self.ssl_cert, self.ssl_key)
-        return context
+    def _start_grpc(self, credentials: grpc.ServerCredentials | None) -> None:
+        server = grpc_server(self.predict, self.metadata, self.status, self._health,
+                             self._max_workers, self.max_message_bytes)
+        self.port = bind_grpc(server, f"{self.host}:{self.port}", credentials)
+        server.start()
+        self._server = server
+
+    def _start_rest(self) -> None:
+        context = rest_ssl_context(self.ssl_cert, self.ssl_key)
+        self._rest = RestServer(self, self.host, self.rest_port, context)
+        self.rest_port = self._rest.start()
+        log.info("REST on %s:%d", self.host, self.rest_port)
 
     def stop(self, grace_s: float | None = 5.0) -> None:
         """Stops accepting requests; those in flight get `grace_s` seconds to finish."""
@@ -314,84 +288,16 @@ class ModelServer:
 
         Call it before announcing the server: a signal sent as soon as the "serving ..." line
         is read then drains the server instead of killing it (the default action). Signals
-        that come before `wait_for_signal` are kept, not lost.
-
-        The handler only appends to a list, and must not do more. Python runs a handler in
-        the main thread between two bytecodes, possibly while that thread holds the lock the
-        handler would take: `Event.set()` in a handler that interrupts the main thread's own
-        `Event.wait()` (which holds the Event's condition lock for a few bytecodes on each
-        wake-up) blocks forever, so the process answers nothing more and never exits.
+        that come before `wait_for_signal` are kept, not lost. Why the handler does no more
+        than record the signal: see `serving.lifecycle.StopSignals`.
         """
-        if self._stop_signals is not None:
-            return
-        received: list[int] = []
-
-        def on_signal(signum, frame):
-            received.append(signum)  # lock-free (see the docstring)
-
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, on_signal)
-        self._stop_signals = received
+        self._stop_signals.catch()
 
     def wait_for_signal(self, grace_s: float = 10.0) -> None:
         """Blocks until SIGTERM or SIGINT, then stops gracefully (call from the main thread)."""
-        self.catch_stop_signals()
-        while not self._stop_signals:
-            time.sleep(0.1)  # a lock-free handler cannot wake a wait; 0.1 s is the latency
-        log.info("signal %d: stopping (grace %.1fs)", self._stop_signals[0], grace_s)
+        signum = self._stop_signals.wait()
+        log.info("signal %d: stopping (grace %.1fs)", signum, grace_s)
         self.stop(grace_s)
-
-
-def _answer(context, call, request):
-    """Runs `call(request)`, turning every refusal into a gRPC status (never a crash)."""
-    try:
-        return call(request)
-    except RpcError as error:
-        code, message = error.code, error.message
-    except Exception as error:  # noqa: BLE001  (a bug here is the server's, say so)
-        log.exception("internal error")
-        code, message = grpc.StatusCode.INTERNAL, first_line(str(error))
-    context.abort(code, message)
-
-
-class _PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, server: ModelServer):
-        self._server = server
-
-    def Predict(self, request, context):  # noqa: N802  (gRPC method names)
-        return _answer(context, self._server.predict, request)
-
-    def GetModelMetadata(self, request, context):  # noqa: N802
-        return _answer(context, self._server.metadata, request)
-
-    def _unimplemented(self, context, method: str):
-        context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            f"{method} is not served: the model has predict signatures only; use Predict",
-        )
-
-    def Classify(self, request, context):  # noqa: N802
-        self._unimplemented(context, "Classify")
-
-    def Regress(self, request, context):  # noqa: N802
-        self._unimplemented(context, "Regress")
-
-    def MultiInference(self, request, context):  # noqa: N802
-        self._unimplemented(context, "MultiInference")
-
-
-class _ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
-    def __init__(self, server: ModelServer):
-        self._server = server
-
-    def GetModelStatus(self, request, context):  # noqa: N802
-        return _answer(context, self._server.status, request)
-
-    def HandleReloadConfigRequest(self, request, context):  # noqa: N802
-        context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "the served models come from the command line; restart the server to change them",
-        )
 
 
 def serve(model_base_path: str | None = None, **kwargs) -> ModelServer:
@@ -399,6 +305,7 @@ def serve(model_base_path: str | None = None, **kwargs) -> ModelServer:
     server = ModelServer(model_base_path, **kwargs)
     server.start()
     return server
+
 
 def describe(server: ModelServer) -> str:
     """The one line printed once serving: models, gRPC address and REST port."""
