@@ -19,6 +19,7 @@ import pyarrow as pa
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import AsSingleton, TaggedOutput
 
+from beam_jobs import bucket_records as B
 from beam_jobs import feature_stats as F
 from beam_jobs import splits as P
 from beam_jobs.example_encoding import ExampleEncoder
@@ -115,7 +116,7 @@ class ExamplesFn(beam.DoFn):
         encoder = self.encoders[key]
         time = {"now": latest} if cut is None else {"now": latest, "cut": cut}
         by_split: dict[str, list] = {}
-        for example in P.bucket_examples(
+        for example in B.bucket_examples(
             bucket, vocabulary, self.config, self.protocols, time, self.context
         ):
             serialized = encoder.encode(
@@ -160,7 +161,7 @@ class _WriteShardFn(beam.DoFn):
         self.output_dir = output_dir
 
     def process(self, element, users_per_split, config):
-        import tensorflow as tf
+        import tensorflow as tf  # deferred: heavy, and only the shard writer needs it
 
         (split, shard), batches = element
         records = sorted(record for batch in batches for record in unpack_records(batch))

@@ -3,11 +3,11 @@
 Reads any layout of `recsys_cvae.datasets.layouts` in parallel chunks (`feature_reading`),
 sends unusable rows to dead letters, merges duplicated (user, item) events, filters users and
 items to a fixed point (`feature_stats`), adds user-context features (`context_features`),
-writes every evaluation protocol as splits (`splits`) and `features/` as ARCHITECTURE.md
-describes. Rows travel in user buckets (Arrow tables), not one element per row: that is what
-makes 20M interactions fit in minutes on two cores. Every file goes through Beam/TF file
-systems and no DoFn keeps state outside itself, so the same code runs on the DirectRunner here
-and on Dataflow, Flink or Spark.
+writes every evaluation protocol as splits (`splits`, `bucket_records`) and `features/` as
+ARCHITECTURE.md describes. Rows travel in user buckets (Arrow tables), not one element per
+row: that is what makes 20M interactions fit in minutes on two cores. Every file goes through
+Beam/TF file systems and no DoFn keeps state outside itself, so the same code runs on the
+DirectRunner here and on Dataflow, Flink or Spark.
 
 DirectRunner (the default):
 
@@ -56,10 +56,6 @@ from recsys_cvae import spec as S
 from recsys_cvae.config import ConfigError, FeaturesConfig, load_config
 from recsys_cvae.datasets import layouts as L
 
-# Names older callers and tests import from here.
-assign_split, hold_out, unit_hash, UserExample = (
-    P.assign_split, P.hold_out, P.unit_hash, P.UserExample
-)  # fmt: skip
 SUMMARY_FILE = "job_summary.json"
 
 
@@ -367,11 +363,11 @@ def run(argv=None, save_main_session=True, test_pipeline=None) -> S.FeatureSpec:
 
 
 if __name__ == "__main__":
-    # Import under the real module name: records defined in `__main__` cannot be unpickled
-    # by workers in other processes.
-    from beam_jobs.features import run as _run
+    # Run this module as imported under its real name, not as `__main__`: records defined in
+    # `__main__` cannot be unpickled by workers in other processes.
+    from beam_jobs import features
 
     try:
-        _run()
+        features.run()
     except (L.InputError, ConfigError, S.SpecError) as error:
         sys.exit(f"features: error: {error}")

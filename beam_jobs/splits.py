@@ -19,18 +19,19 @@ Protocols (`features.protocols`; each is {role: split} in the spec):
 
 A warm user has at least `min_user_interactions` items (after filtering); lighter users are in
 `cold` only.
+
+`assign_split` and `hold_out` state the rules for one user; `hold_out_events` applies them to
+a whole bucket of events at once, and `bucket_records` turns its decisions into records.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
-from beam_jobs import context_features as C
 from recsys_cvae import spec as S
 from recsys_cvae.config import FeaturesConfig
 
@@ -174,130 +175,80 @@ class BucketEvents(NamedTuple):
         return pd.Series(self.items).isin(keep).to_numpy()[self.item_code]
 
 
-def bucket_examples(
-    bucket: BucketEvents,
-    vocabulary: frozenset,
-    config: FeaturesConfig,
-    protocols: list[str],
-    time: dict[str, float],
-    context: list[str],
-) -> Iterator[UserExample]:
-    """Every user record of one bucket for every protocol in `protocols`.
+class HeldOut(NamedTuple):
+    """Which of a bucket's events each protocol holds out, decided for all its users at once:
+    a record's context features may only see its history's events (`bucket_records`), so
+    these masks are needed before any record is built.
 
-    Args:
-      vocabulary: the item ids kept by the filters; other items are never in a record.
-      time: {"now": latest timestamp, "cut": temporal cut} (absent without timestamps).
-      context: context feature names (empty: none).
+    Attributes ([n] per event, [U] per user):
+      eligible: [n] positive events of kept items, the only events a record holds.
+      bounds: [U + 1] offsets; user code c's events are rows bounds[c]:bounds[c + 1].
+      strong_split: [U] (`assign_split`); strong_target: [n] strong evaluation targets.
+      weak_test, weak_validation: [n]; before: [n] before the temporal cut (all, without one).
     """
-    seed, fraction = config.seed, config.target_fraction
-    n_users = len(bucket.users)
-    eligible = bucket.positive & bucket.item_mask(vocabulary)
+
+    eligible: np.ndarray
+    bounds: np.ndarray
+    strong_split: list[str]
+    strong_target: np.ndarray
+    weak_test: np.ndarray
+    weak_validation: np.ndarray
+    before: np.ndarray
+
+    def rows(self, code: int) -> np.ndarray:
+        """User `code`'s eligible events: the bucket is sorted by user, so they are one range."""
+        start, end = self.bounds[code], self.bounds[code + 1]
+        return np.flatnonzero(self.eligible[start:end]) + start
+
+
+def _event_hashes(bucket: BucketEvents, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """[n] strong and [n] weak (user, item) hashes in [0, 1), as `pair_unit` computes them.
+
+    Why per protocol: strong and weak hold out different items of a user, so each seeds its
+    own user hash. Why this shape: one SHA-256 per user and one SipHash per distinct item,
+    mixed per event in numpy, instead of a SHA-256 per event.
+    """
     users_hash = {
         p: np.array([_hash64(seed, p, u) for u in bucket.users], dtype=np.uint64)
         for p in (S.STRONG, S.WEAK)
     }
     item_hash = _mix64(pd.util.hash_array(bucket.items.astype(object)))[bucket.item_code]
-    strong_h = _pair_unit(users_hash[S.STRONG][bucket.user], item_hash)
-    weak_h = _pair_unit(users_hash[S.WEAK][bucket.user], item_hash)
+    strong = _pair_unit(users_hash[S.STRONG][bucket.user], item_hash)
+    weak = _pair_unit(users_hash[S.WEAK][bucket.user], item_hash)
+    return strong, weak
+
+
+def hold_out_events(
+    bucket: BucketEvents, vocabulary: frozenset, config: FeaturesConfig, time: dict[str, float]
+) -> HeldOut:
+    """Every protocol's held-out events of the bucket (`HeldOut`): the rules above, per event.
+
+    Strong validation and test users get `hold_out`'s targets (`_target_mask`); a weak user
+    whose every item hashed into validation or test gets its largest-hash item back, so
+    `weak_train` is never empty. Both protocols share one Python loop over the users, as each
+    needs the user's event range.
+    """
+    fraction = config.target_fraction
+    n_users = len(bucket.users)
+    eligible = bucket.positive & bucket.item_mask(vocabulary)
+    strong_h, weak_h = _event_hashes(bucket, config.seed)
     counts = np.bincount(bucket.user[eligible], minlength=n_users)
     strong_split = [assign_split(u, int(n), config) for u, n in zip(bucket.users, counts)]
-
-    strong_target = np.zeros(len(bucket.user), bool)
-    weak_test = eligible & (weak_h < fraction)
-    weak_validation = eligible & (weak_h >= fraction) & (weak_h < 2 * fraction)
-    before = bucket.timestamp < time.get("cut", np.inf)
-    bounds = np.searchsorted(bucket.user, np.arange(n_users + 1))
-    for code, split in enumerate(strong_split):
-        start, end = bounds[code], bounds[code + 1]
-        rows = np.flatnonzero(eligible[start:end]) + start
-        if split in (S.VALIDATION, S.TEST):
-            strong_target[rows] = _target_mask(strong_h[rows], fraction)
-        held = weak_test[rows] | weak_validation[rows]
-        if len(rows) and held.all():  # keep one training item: the largest hash returns
-            back = rows[np.argmax(weak_h[rows])]
-            weak_test[back] = weak_validation[back] = False
-
-    def table(visible, now):
-        if not context:
-            return None
-        return C.user_context(bucket.user, bucket.events, bucket.rating, bucket.timestamp,
-                              visible, n_users, now, context)  # fmt: skip
-
-    everything = np.ones(len(bucket.user), bool)
-    now = time.get("now", 0.0)
-    ctx = {
-        "all": table(everything, now),
-        "strong_eval": table(~strong_target, now),
-        "weak_train": table(~(weak_test | weak_validation), now),
-        "weak_test": table(~weak_test, now),
-    }
-    if S.TEMPORAL in protocols:
-        ctx["temporal"] = table(before, time["cut"])
-    temporal_validation_share = config.validation_fraction / max(
-        config.validation_fraction + config.test_fraction, 1e-12
+    held = HeldOut(
+        eligible=eligible,
+        bounds=np.searchsorted(bucket.user, np.arange(n_users + 1)),
+        strong_split=strong_split,
+        strong_target=np.zeros(len(bucket.user), bool),
+        weak_test=eligible & (weak_h < fraction),
+        weak_validation=eligible & (weak_h >= fraction) & (weak_h < 2 * fraction),
+        before=bucket.timestamp < time.get("cut", np.inf),
     )
-
-    half_life_s = (config.recency_half_life_days or 0.0) * C.DAY_S
-
-    def weights(history_rows, reference):
-        """0.5 ** (age / half-life) per history item (1.0 without a timestamp); or None."""
-        if not half_life_s:
-            return None
-        age = reference - bucket.timestamp[history_rows]
-        return np.where(np.isnan(age), 1.0, 0.5 ** (np.maximum(age, 0.0) / half_life_s)).tolist()
-
-    def attributes(user_id, code, which):
-        values = dict(bucket.profiles.get(user_id) or {})
-        if context and which is not None:
-            values.update(zip(context, ctx[which][code].tolist()))
-        return values
-
-    for code, user_id in enumerate(bucket.users):
-        start, end = bounds[code], bounds[code + 1]
-        rows = np.flatnonzero(eligible[start:end]) + start
-        if not len(rows) and user_id not in bucket.profiles:
-            continue  # neither a usable item nor a profile: nothing to learn or serve
-        items = bucket.items[bucket.item_code[rows]]
-        split = strong_split[code]
-        if S.STRONG in protocols and split in (S.TRAIN, S.VALIDATION, S.TEST):
-            target = strong_target[rows]
-            which = "all" if split == S.TRAIN else "strong_eval"
-            yield UserExample(split, user_id, items[~target].tolist(), items[target].tolist(),
-                              attributes(user_id, code, which),
-                              weights(rows[~target], now))  # fmt: skip
-        if S.COLD_START in protocols and split == S.COLD:
-            yield UserExample(S.COLD, user_id, [], items.tolist(), attributes(user_id, code, None),
-                              weights(rows[:0], now))  # fmt: skip
-        warm = len(rows) > 0 and len(rows) >= config.min_user_interactions
-        if not warm:
-            continue
-        if S.WEAK in protocols:
-            test, validation = weak_test[rows], weak_validation[rows]
-            train = ~(test | validation)
-            yield UserExample("weak_train", user_id, items[train].tolist(), [],
-                              attributes(user_id, code, "weak_train"),
-                              weights(rows[train], now))  # fmt: skip
-            if validation.any():
-                yield UserExample("weak_validation", user_id, items[train].tolist(),
-                                  items[validation].tolist(),
-                                  attributes(user_id, code, "weak_train"),
-                                  weights(rows[train], now))  # fmt: skip
-            if test.any():
-                yield UserExample("weak_test", user_id, items[~test].tolist(),
-                                  items[test].tolist(),
-                                  attributes(user_id, code, "weak_test"),
-                                  weights(rows[~test], now))  # fmt: skip
-        if S.TEMPORAL in protocols:
-            early = before[rows]
-            if not early.any():
-                continue
-            yield UserExample("temporal_train", user_id, items[early].tolist(), [],
-                              attributes(user_id, code, "temporal"),
-                              weights(rows[early], time["cut"]))  # fmt: skip
-            if not early.all():
-                held = unit_hash(seed, S.TEMPORAL, user_id) < temporal_validation_share
-                yield UserExample(
-                    "temporal_validation" if held else "temporal_test", user_id,
-                    items[early].tolist(), items[~early].tolist(),
-                    attributes(user_id, code, "temporal"), weights(rows[early], time["cut"]),
-                )  # fmt: skip
+    for code, split in enumerate(strong_split):  # fills the masks above in place
+        rows = held.rows(code)
+        if split in (S.VALIDATION, S.TEST):
+            held.strong_target[rows] = _target_mask(strong_h[rows], fraction)
+        weak = held.weak_test[rows] | held.weak_validation[rows]
+        if len(rows) and weak.all():  # keep one training item: the largest hash returns
+            back = rows[np.argmax(weak_h[rows])]
+            held.weak_test[back] = held.weak_validation[back] = False
+    return held

@@ -24,6 +24,7 @@ import tensorflow as tf
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 
 from beam_jobs import candidates as job
+from beam_jobs import signature_inference as SI
 from recsys_cvae import candidates_format as C
 from recsys_cvae import spec as S
 
@@ -121,7 +122,7 @@ def test_parse_users_pads_histories_and_marks_unknowns(features_dir):
         S.encode_user_example(spec.attributes, "u1", ["a", "b", "c"], ["t"], known),
         S.encode_user_example(spec.attributes, "u2", [], [], {}),
     ])  # fmt: skip
-    user_ids, inputs = job.parse_users(serialized, spec, with_history=True)
+    user_ids, inputs = SI.parse_users(serialized, spec, with_history=True)
     assert user_ids.numpy().tolist() == [b"u1", b"u2"]
     # Width 3 = the longest history; the empty one is all padding; targets are not read.
     assert inputs["item_ids"].numpy().tolist() == [[b"a", b"b", b"c"], [b"", b"", b""]]
@@ -130,8 +131,8 @@ def test_parse_users_pads_histories_and_marks_unknowns(features_dir):
     assert inputs["age"][0] == 30.0 and math.isnan(inputs["age"][1])
     assert sorted(inputs) == sorted(["item_ids", *spec.attribute_names])
     # generate takes no history; an all-empty batch still gets a [batch, 1] history.
-    assert "item_ids" not in job.parse_users(serialized, spec, with_history=False)[1]
-    _, empty = job.parse_users(serialized[1:], spec, with_history=True)
+    assert "item_ids" not in SI.parse_users(serialized, spec, with_history=False)[1]
+    _, empty = SI.parse_users(serialized[1:], spec, with_history=True)
     assert empty["item_ids"].shape == (1, 1)
 
 
@@ -139,7 +140,7 @@ def test_parse_users_matches_the_python_decode_of_every_record(features_dir):
     """The in-graph batch parse reads the same users as `spec.decode_user_example`."""
     spec = S.FeatureSpec.load(features_dir)
     serialized = read_serialized(spec, "test")
-    user_ids, inputs = job.parse_users(tf.constant(serialized), spec, with_history=True)
+    user_ids, inputs = SI.parse_users(tf.constant(serialized), spec, with_history=True)
     for row, example in enumerate(serialized):
         record = S.decode_user_example(example, spec.attributes)
         assert user_ids[row].numpy().decode() == record[S.USER_ID]
@@ -159,7 +160,7 @@ def test_handler_drops_the_padding_when_a_history_leaves_fewer_than_k_items(
     spec = S.FeatureSpec.load(features_dir)
     items = spec.item_vocabulary()
     build_toy_export(features_dir, str(tmp_path / "1"), top_k=len(items))  # K = catalogue
-    handler = job.SavedModelSignatureHandler(str(tmp_path / "1"), "recommend", spec)
+    handler = SI.SavedModelSignatureHandler(str(tmp_path / "1"), "recommend", spec)
     batch = read_serialized(spec, "test")[:4]
     # One element is one batch of users, and its prediction holds the whole batch.
     (result,) = handler.run_inference([batch], handler.load_model())
@@ -199,13 +200,13 @@ def test_top_k_batch_keeps_the_filled_slots_of_each_row_in_order():
 
 def test_arrow_strings_reads_joined_bytes_and_rejects_bad_utf8():
     # "ab" + "" + "cde" joined: byte lengths 2, 0, 3.
-    assert job.arrow_strings(np.array([2, 0, 3]), b"abcde").to_pylist() == ["ab", "", "cde"]
+    assert SI.arrow_strings(np.array([2, 0, 3]), b"abcde").to_pylist() == ["ab", "", "cde"]
     with pytest.raises(pa.ArrowInvalid):
-        job.arrow_strings(np.array([1, 1]), b"a\xff")
+        SI.arrow_strings(np.array([1, 1]), b"a\xff")
 
 
 def test_users_to_candidates_rejects_bad_batch_bounds(features_dir):
-    handler = job.SavedModelSignatureHandler("x", "recommend", S.FeatureSpec.load(features_dir))
+    handler = SI.SavedModelSignatureHandler("x", "recommend", S.FeatureSpec.load(features_dir))
     with pytest.raises(ValueError, match="min_batch_size <= candidates.max_batch_size"):
         job.UsersToCandidates(handler, "m", min_batch_size=9, max_batch_size=8)
 
@@ -216,7 +217,7 @@ def per_user_reference(export_dir: str, spec: S.FeatureSpec, split: str) -> list
     signature = "generate" if split == "cold" else "recommend"
     function = tf.saved_model.load(export_dir).signatures[signature]
     serialized = read_serialized(spec, split)
-    user_ids, inputs = job.parse_users(tf.constant(serialized), spec, signature == "recommend")
+    user_ids, inputs = SI.parse_users(tf.constant(serialized), spec, signature == "recommend")
     outputs = function(**inputs)
     rows = []
     for user_id, ids, scores in zip(
@@ -257,17 +258,17 @@ def test_resolve_export_dir_takes_the_newest_integer_version(tmp_path):
     (tmp_path / "12").mkdir()  # no SavedModel inside: an export still being written
     assert job.resolve_export_dir(str(tmp_path)) == (str(tmp_path / "10"), "10")
     assert job.resolve_export_dir(str(tmp_path / "2")) == (str(tmp_path / "2"), "2")
-    with pytest.raises(job.ExportError, match="no SavedModel"):
+    with pytest.raises(SI.ExportError, match="no SavedModel"):
         job.resolve_export_dir(str(tmp_path / "12"))
 
 
 def test_signature_runner_rejects_inputs_that_do_not_match_the_export(features_dir, export_base):
     spec = S.FeatureSpec.load(features_dir)
     fewer = dataclasses.replace(spec, attributes=spec.attributes[:2])
-    with pytest.raises(job.ExportError, match="takes inputs"):
-        job.SignatureRunner(os.path.join(export_base, "3"), "generate", fewer)
-    with pytest.raises(job.ExportError, match="no signature 'encode'"):
-        job.SignatureRunner(os.path.join(export_base, "3"), "encode", spec)
+    with pytest.raises(SI.ExportError, match="takes inputs"):
+        SI.SignatureRunner(os.path.join(export_base, "3"), "generate", fewer)
+    with pytest.raises(SI.ExportError, match="no signature 'encode'"):
+        SI.SignatureRunner(os.path.join(export_base, "3"), "encode", spec)
 
 
 def test_pipeline_writes_candidates_from_recommend_and_generate(

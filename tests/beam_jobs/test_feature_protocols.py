@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from beam_jobs import bucket_records as B
 from beam_jobs import context_features as C
 from beam_jobs import features as job
 from beam_jobs import splits as P
@@ -148,7 +149,7 @@ def test_bucket_examples_for_one_user_by_hand():
         positive=np.ones(10, bool), profiles={"u": {"plan": "free"}},
     )  # fmt: skip
     config = FeaturesConfig(min_user_interactions=2, target_fraction=0.3)
-    examples = list(P.bucket_examples(
+    examples = list(B.bucket_examples(
         bucket, frozenset(items[:9]), config, list(P.ALL_PROTOCOLS), {"now": 9.0, "cut": 7.0}, []
     ))  # fmt: skip
     splits = {e.split: e for e in examples}

@@ -17,9 +17,10 @@ from apache_beam.testing.util import assert_that, equal_to
 from beam_jobs import feature_reading
 from beam_jobs import feature_stats as F
 from beam_jobs import features as job
+from beam_jobs import splits as P
 from beam_jobs.example_encoding import ExampleEncoder
 from beam_jobs.feature_buckets import prepare_bucket
-from beam_jobs.feature_reading import INTERACTION_SCHEMA, ReadLog
+from beam_jobs.feature_reading import DEAD, INTERACTION_SCHEMA, ReadLog
 from recsys_cvae import spec as S
 from recsys_cvae.config import ConfigError, FeaturesConfig
 from recsys_cvae.datasets import layouts as L
@@ -51,8 +52,8 @@ def test_split_assignment_is_deterministic_and_follows_the_fractions():
     config = FeaturesConfig(validation_fraction=0.2, test_fraction=0.2, cold_fraction=0.1,
                             min_user_interactions=1)  # fmt: skip
     users = [f"u{i}" for i in range(4000)]
-    splits = [job.assign_split(u, 10, config) for u in users]
-    assert splits == [job.assign_split(u, 10, config) for u in users]
+    splits = [P.assign_split(u, 10, config) for u in users]
+    assert splits == [P.assign_split(u, 10, config) for u in users]
     share = {name: splits.count(name) / len(users) for name in S.SPLITS}
     # Expected 0.5 / 0.2 / 0.2 / 0.1; 4000 users keep each share within ~0.02 (3 sigma).
     assert share[S.TRAIN] == pytest.approx(0.5, abs=0.03)
@@ -60,7 +61,7 @@ def test_split_assignment_is_deterministic_and_follows_the_fractions():
     assert share[S.TEST] == pytest.approx(0.2, abs=0.03)
     assert share[S.COLD] == pytest.approx(0.1, abs=0.03)
     # Another seed reshuffles the users.
-    other = [job.assign_split(u, 10, dataclasses.replace(config, seed=7)) for u in users]
+    other = [P.assign_split(u, 10, dataclasses.replace(config, seed=7)) for u in users]
     assert other != splits
 
 
@@ -68,25 +69,25 @@ def test_split_rules_for_light_users():
     config = FeaturesConfig(validation_fraction=0.9, test_fraction=0.0, cold_fraction=0.0,
                             min_user_interactions=3)  # fmt: skip
     users = [f"u{i}" for i in range(50)]
-    assert {job.assign_split(u, 0, config) for u in users} == {S.COLD}  # no items at all
-    assert {job.assign_split(u, 2, config) for u in users} == {S.COLD}  # below the minimum
+    assert {P.assign_split(u, 0, config) for u in users} == {S.COLD}  # no items at all
+    assert {P.assign_split(u, 2, config) for u in users} == {S.COLD}  # below the minimum
     # An evaluation user needs a fold-in and a target item: with one item -> train.
     single = dataclasses.replace(config, min_user_interactions=1)
-    assert {job.assign_split(u, 1, single) for u in users} == {S.TRAIN}
-    assert {job.assign_split(u, 3, single) for u in users} == {S.TRAIN, S.VALIDATION}
+    assert {P.assign_split(u, 1, single) for u in users} == {S.TRAIN}
+    assert {P.assign_split(u, 3, single) for u in users} == {S.TRAIN, S.VALIDATION}
 
 
 def test_hold_out_keeps_one_of_each_and_the_order():
     config = FeaturesConfig(target_fraction=0.2)
     items = [f"i{n}" for n in range(1000)]
-    history, targets = job.hold_out("u1", items, config)
+    history, targets = P.hold_out("u1", items, config)
     assert sorted(history + targets) == sorted(items) and not set(history) & set(targets)
     assert history == [i for i in items if i in set(history)]  # order preserved
     assert len(targets) == pytest.approx(200, abs=45)  # binomial(1000, 0.2): sd ~13
-    assert job.hold_out("u1", items, config) == (history, targets)
+    assert P.hold_out("u1", items, config) == (history, targets)
     for n in (2, 3):  # whatever the hashes say, one target and one fold-in item at least
         for user in ("a", "b", "c", "d"):
-            h, t = job.hold_out(user, items[:n], dataclasses.replace(config, target_fraction=0.99))
+            h, t = P.hold_out(user, items[:n], dataclasses.replace(config, target_fraction=0.99))
             assert len(h) >= 1 and len(t) >= 1 and len(h) + len(t) == n
 
 
@@ -118,7 +119,7 @@ def test_read_log_buckets_rows_and_dead_letters_in_chunks(tmp_path):
             (expected_buckets[0], "u1", "i1", 5.0, 100.0),
             (expected_buckets[1], "u2", "i2", 3.0, 7.0),
         ]), label="Rows")  # fmt: skip
-        dead = read[job.DEAD] | beam.Map(lambda d: (d["line"], d["reason"]))
+        dead = read[DEAD] | beam.Map(lambda d: (d["line"], d["reason"]))
         assert_that(
             dead,
             equal_to([(3, "bad_rating"), (4, "wrong_field_count"), (5, "empty_user_id")]),
@@ -206,9 +207,9 @@ def test_bucket_summaries_decide_kinds_and_vocabularies(tmp_path):
 
 def test_numeric_statistics_merge_in_bucket_order():
     examples = [
-        job.UserExample(S.TRAIN, "u1", [], [], {"age": "20"}),
-        job.UserExample(S.TRAIN, "u2", [], [], {"age": "40"}),
-        job.UserExample(S.TRAIN, "u3", [], [], {"age": "", "ctx": float("nan")}),  # unknown
+        P.UserExample(S.TRAIN, "u1", [], [], {"age": "20"}),
+        P.UserExample(S.TRAIN, "u2", [], [], {"age": "40"}),
+        P.UserExample(S.TRAIN, "u3", [], [], {"age": "", "ctx": float("nan")}),  # unknown
     ]
     kinds = {"age": "numeric", "ctx": "numeric"}
     sums = [(1, F.numeric_sums(examples[1:], kinds)), (0, F.numeric_sums(examples[:1], kinds))]
@@ -320,7 +321,7 @@ def test_bad_rows_become_dead_letters_and_filters_apply(tmp_path):
     assert (counts["rows_read"], counts["rows_valid"], counts["rows_dead_lettered"]) == (12, 10, 2)
     letters = [
         json.loads(line)
-        for path in glob.glob(os.path.join(out, job.DEAD, "*.jsonl"))
+        for path in glob.glob(os.path.join(out, DEAD, "*.jsonl"))
         for line in open(path)
     ]
     assert sorted((os.path.basename(d["source"]), d["line"], d["reason"]) for d in letters) == [
@@ -364,7 +365,7 @@ def test_config_and_layout_errors(tmp_path):
 def feature_files(out: str) -> dict[str, bytes]:
     """Every file the job wrote except the dead letters (Beam names those shards at random)."""
     paths = [p for p in glob.glob(os.path.join(out, "**", "*"), recursive=True)
-             if os.path.isfile(p) and f"{os.sep}{job.DEAD}{os.sep}" not in p]  # fmt: skip
+             if os.path.isfile(p) and f"{os.sep}{DEAD}{os.sep}" not in p]  # fmt: skip
     return {os.path.relpath(p, out): open(p, "rb").read() for p in paths}
 
 
