@@ -1,7 +1,7 @@
 """The candidates job's Parquet output: Arrow tables sized as row groups, and their writer.
 
 Why Arrow tables and `WriteToParquetBatched`: each model batch already arrives as Arrow
-columns (`signature_inference`), and `candidates_format.top_k_batch` drops the "" padding with
+columns (`signature_inference`), and `candidates_format.rows_of_top_k` drops the "" padding with
 vectorised Arrow calls, so no row becomes a Python object on its way to the file. The files
 have the schema and names `WriteToParquet` would give them:
 
@@ -48,7 +48,7 @@ class ToCandidateTables(beam.DoFn):
 
     def process(self, result: PredictionResult) -> Iterator[pa.Table]:
         inference = result.inference
-        batch = C.top_k_batch(
+        batch = C.rows_of_top_k(
             inference[C.USER_ID], inference[C.ITEM_IDS], inference[C.SCORES], self._model_label
         )
         self._batches.append(batch)

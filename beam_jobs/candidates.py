@@ -23,7 +23,7 @@ are batched right after the read, and each later step handles one batch at a tim
   `PredictionResult` per batch, holding the batch's arrays (`signature_inference`).
 - The `tf.function` parses the batch (`tf.io.parse_example`), runs the signature and hands
   its strings back in Arrow's own layout (byte lengths + one joined buffer), so no Python
-  object is built per item id; `candidates_format.top_k_batch` drops the "" padding with
+  object is built per item id; `candidates_format.rows_of_top_k` drops the "" padding with
   vectorised Arrow calls and `WriteToParquetBatched` writes the tables, same schema and
   file names as `WriteToParquet` (`candidate_parquet`).
 - `Spread` (a Reshuffle) hands batches to every worker: one gzip shard cannot be split, so

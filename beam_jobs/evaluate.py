@@ -1,11 +1,12 @@
 """Offline evaluation with Beam, for candidates beyond one machine.
 
-Why it exists next to `recsys_cvae.evaluation`: the in-process evaluation streams Parquet row
-groups on one machine; this job spreads the same work over workers. It shares everything that
-computes a number: each worker turns Parquet row groups into partial `scoring.ModelScore`s with
-`scoring.score_batch` (the same function the in-process path calls), a CombineFn merges them,
-and `scoring.finish` + `scoring.summarise` produce the same JSON. The bootstrap weights are a
-hash of the user id, so the intervals do not depend on how the data is split over workers.
+Why it exists next to `recsys_cvae.evaluation.evaluate`: the in-process evaluation streams
+Parquet row groups on one machine; this job spreads the same work over workers. It shares
+everything that computes a number: each worker turns Parquet row groups into partial
+`scoring.ModelScore`s with `scoring.score_batch` (the same function the in-process path calls),
+a CombineFn merges them, and `scoring.finish` + `scoring.summarise` produce the same JSON. The
+bootstrap weights are a hash of the user id, so the intervals do not depend on how the data is
+split over workers.
 
     candidates/<model>/<split>-*.parquet
       | ReadRowGroups | ScoreRowGroups | MergeScores | Summarise | WriteSummary -> JSON
@@ -35,14 +36,14 @@ import apache_beam as beam
 
 from beam_jobs.options import pipeline_options
 from recsys_cvae import candidates_format as C
-from recsys_cvae import scoring as Sc
 from recsys_cvae import spec as S
 from recsys_cvae.config import EvaluateConfig, load_config
+from recsys_cvae.datasets.item_metadata import item_categories
+from recsys_cvae.evaluation import scoring as Sc
+from recsys_cvae.evaluation.evaluate import scoring_inputs
 
 
 def _inputs(features_dir: str, split: str, protocol: str, config: EvaluateConfig):
-    from recsys_cvae.evaluation import item_categories, scoring_inputs
-
     spec = S.FeatureSpec.load(features_dir)
     categories = item_categories(spec.item_vocabulary(), config.items_file)
     truth, _, context = scoring_inputs(spec, split, protocol, config, categories)

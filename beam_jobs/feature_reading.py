@@ -30,6 +30,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
 
 from recsys_cvae.datasets import layouts as L
+from recsys_cvae.datasets.rows import MAX_ID_CHARS, MAX_LINE_CHARS
 
 DEAD = "dead_letters"
 COUNTS = "counts"
@@ -147,7 +148,7 @@ def _vectorised_interactions(layout: L.Layout, lines: pa.StringArray):
     suspicious = pc.match_substring_regex(lines, _SUSPICIOUS)
     if layout.name == L.CSV:
         suspicious = pc.or_(suspicious, pc.match_substring(lines, '"'))
-    suspicious = pc.or_(suspicious, pc.greater(pc.utf8_length(lines), L.MAX_LINE_CHARS))
+    suspicious = pc.or_(suspicious, pc.greater(pc.utf8_length(lines), MAX_LINE_CHARS))
     parts = pc.split_pattern(lines, _SEPARATORS[layout.name])
     ok = pc.and_(pc.equal(pc.list_value_length(parts), len(columns)), pc.invert(suspicious))
     ok_np = ok.to_numpy(zero_copy_only=False)
@@ -161,8 +162,8 @@ def _vectorised_interactions(layout: L.Layout, lines: pa.StringArray):
     good = pc.and_(
         pc.and_(pc.greater(pc.utf8_length(user), 0), pc.greater(pc.utf8_length(item), 0)),
         pc.and_(
-            pc.less_equal(pc.utf8_length(user), L.MAX_ID_CHARS),
-            pc.less_equal(pc.utf8_length(item), L.MAX_ID_CHARS),
+            pc.less_equal(pc.utf8_length(user), MAX_ID_CHARS),
+            pc.less_equal(pc.utf8_length(item), MAX_ID_CHARS),
         ),
     )
     if layout.name == L.CSV:  # the header repeated: let the strict parser name it

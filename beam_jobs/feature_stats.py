@@ -24,6 +24,8 @@ from beam_jobs.feature_reading import DEAD
 from recsys_cvae import spec as S
 from recsys_cvae.config import FeaturesConfig
 from recsys_cvae.datasets import layouts as L
+from recsys_cvae.datasets.generic_tables import infer_kind
+from recsys_cvae.datasets.rows import is_number
 
 QUANTILE_POINTS = 4097  # per-bucket sample of the timestamps for the temporal cut
 
@@ -124,7 +126,7 @@ def bucket_summary(bucket, layout_attributes: tuple[str, ...]) -> dict[str, Any]
         for name, value in attributes.items():
             if value:
                 seen, numeric = scanned.get(name, (False, True))
-                scanned[name] = (True, numeric and L.is_number(value))
+                scanned[name] = (True, numeric and is_number(value))
                 values[(name, value)] += 1
     ts = np.sort(bucket.timestamp[bucket.positive & ~np.isnan(bucket.timestamp)])
     picks = np.linspace(0, len(ts) - 1, min(len(ts), QUANTILE_POINTS)).round().astype(int)
@@ -186,7 +188,7 @@ def decide_kinds(scanned: dict, layout: L.Layout) -> dict[str, str]:
     kinds = {}
     for name in layout.attributes:
         any_value, all_numeric = scanned.get(name, (False, True))
-        kinds[name] = layout.kinds.get(name) or L.infer_kind(all_numeric, any_value)
+        kinds[name] = layout.kinds.get(name) or infer_kind(all_numeric, any_value)
     return kinds
 
 

@@ -166,7 +166,7 @@ class SavedModelSignatureHandler(ModelHandler[Sequence[bytes], PredictionResult,
     whole batch, holding its arrays, instead of one Python object per user. It is
     `PredictionResult(example=the serialized batch, inference={"user_id": [batch] strings,
     "item_ids": [batch * K] strings ("" = empty slot), "scores": [batch, K] float32})`, as
-    `SignatureRunner.predict` returns it; `candidates_format.top_k_batch` makes rows of it.
+    `SignatureRunner.predict` returns it; `candidates_format.rows_of_top_k` makes rows of it.
     RunInference's own metrics therefore count batches; `num_users` (same namespace) counts
     users.
 

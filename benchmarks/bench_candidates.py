@@ -61,9 +61,9 @@ def build_data(folder: str, users: int, items: int) -> tuple[str, str]:
     from recsys_cvae import spec as S
     from recsys_cvae.config import ExportConfig, FeaturesConfig, ModelConfig
     from recsys_cvae.datasets.synthetic import write_synthetic
-    from recsys_cvae.export import write_export
+    from recsys_cvae.export.saved_model import write_export
     from recsys_cvae.export_layout import newest_export
-    from recsys_cvae.model import build_model
+    from recsys_cvae.model.cvae import build_model
 
     features = os.path.join(folder, "features")
     if not os.path.exists(os.path.join(features, "feature_spec.json")):
@@ -118,7 +118,7 @@ def in_process(features: str, export_dir: str, batch_size: int) -> dict[str, dic
     """Bare signature (inputs prepared up front) and parse+signature: users/s, users/CPU-s."""
     import tensorflow as tf
 
-    from beam_jobs.candidates import SignatureRunner, parse_users
+    from beam_jobs.signature_inference import SignatureRunner, parse_users
     from recsys_cvae import spec as S
 
     spec = S.FeatureSpec.load(features)

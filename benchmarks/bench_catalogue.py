@@ -46,9 +46,9 @@ from bench_train import HISTORY_LENGTH, synthetic_batches, synthetic_spec  # noq
 
 from recsys_cvae import spec as S  # noqa: E402
 from recsys_cvae.config import ExportConfig, ModelConfig  # noqa: E402
-from recsys_cvae.export import ServingModule  # noqa: E402
-from recsys_cvae.model import build_model  # noqa: E402
-from recsys_cvae.train import adam  # noqa: E402
+from recsys_cvae.export.saved_model import ServingModule  # noqa: E402
+from recsys_cvae.model.cvae import build_model  # noqa: E402
+from recsys_cvae.training.fit import adam  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FULL_SIZES = (26_744, 100_000, 300_000)

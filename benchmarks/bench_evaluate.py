@@ -25,9 +25,9 @@ import pyarrow.parquet as pq
 
 from recsys_cvae import candidates_format as C
 from recsys_cvae import metrics as M
-from recsys_cvae import scoring as Sc
-from recsys_cvae import stats as St
-from recsys_cvae.evaluation import score_files
+from recsys_cvae.evaluation import scoring as Sc
+from recsys_cvae.evaluation import stats as St
+from recsys_cvae.evaluation.evaluate import score_files
 
 ROW_GROUP_USERS = 100_000
 

@@ -9,7 +9,7 @@ and tunes on its validation split:
 
     cvae                the CVAE with `recsys-cvae pipeline`'s defaults (+ any --set)
     multvae             the same model and settings with use_condition=False (Mult-VAE)
-    ease                EASE, λ chosen on validation NDCG@10 (recsys_cvae.baselines)
+    ease                EASE, λ chosen on validation NDCG@10 (recsys_cvae.baselines.build)
     popularity          global popularity
     segment_popularity  popularity within the best attribute segment (chosen on validation)
 
@@ -33,10 +33,12 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import recsys_cvae  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
-from recsys_cvae import baselines as B  # noqa: E402
 from recsys_cvae import spec as S  # noqa: E402
+from recsys_cvae.baselines import build as B  # noqa: E402
+from recsys_cvae.baselines import rankings as Rk  # noqa: E402
+from recsys_cvae.baselines import split_data as SD  # noqa: E402
 from recsys_cvae.config import Config, EvaluateConfig, load_config  # noqa: E402
-from recsys_cvae.evaluation import score_rankings  # noqa: E402
+from recsys_cvae.metrics import score_rankings  # noqa: E402
 
 KS = (10, 20, 50)
 COLUMNS = ("ndcg@10", "recall@20", "recall@50")
@@ -66,7 +68,7 @@ def model_rankings(model, spec: S.FeatureSpec, split: str, generate: bool) -> di
     """user id → top max(KS) item ids from the CVAE (history excluded)."""
     import tensorflow as tf
 
-    from recsys_cvae.data import make_dataset
+    from recsys_cvae.training.dataset import make_dataset
 
     items = np.array(model.item_ids, dtype=object)
     k = min(max(KS), len(items))
@@ -85,7 +87,7 @@ def model_rankings(model, spec: S.FeatureSpec, split: str, generate: bool) -> di
 
 
 def truth_of(spec: S.FeatureSpec, split: str) -> dict[str, set[str]]:
-    from recsys_cvae.evaluation import load_truth
+    from recsys_cvae.evaluation.evaluate import load_truth
 
     return load_truth(spec, split)[0]
 
@@ -99,8 +101,8 @@ def train_cvae(spec: S.FeatureSpec, config: Config, model_dir: str, splits: dict
     """Fits one CVAE configuration; returns its validation, warm and cold metrics."""
     import shutil
 
-    from recsys_cvae.model import load_trained_model
-    from recsys_cvae.train import train
+    from recsys_cvae.model.model_dir import load_trained_model
+    from recsys_cvae.training.fit import train
 
     shutil.rmtree(model_dir, ignore_errors=True)
     start = time.time()
@@ -127,7 +129,7 @@ def baseline_rows(spec: S.FeatureSpec, splits: dict) -> dict[str, dict]:
     """EASE (λ tuned), popularity and segment popularity on the same splits."""
     items = spec.item_vocabulary()
     index = {item: i for i, item in enumerate(items)}
-    data = {role: B.load_split(spec, split, index) for role, split in splits.items()}
+    data = {role: SD.load_split(spec, split, index) for role, split in splits.items()}
     evaluate_config = EvaluateConfig()
     scorers = {
         name: B.fit_baseline(name, spec, data["train"], data["validation"], items, evaluate_config)
@@ -139,7 +141,7 @@ def baseline_rows(spec: S.FeatureSpec, splits: dict) -> dict[str, dict]:
         for role in ("test", "cold"):
             if role not in data:
                 continue
-            ranked, _ = B.rankings(scorer, data[role], items, max(KS))
+            ranked, _ = Rk.rankings(scorer, data[role], items, max(KS))
             by_user = dict(zip(data[role].user_ids, ranked))
             row["warm" if role == "test" else "cold"] = score(by_user, data[role].truth, len(items))
         rows[name] = row

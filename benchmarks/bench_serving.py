@@ -45,8 +45,8 @@ def build_export(folder: str, users: int, items: int) -> str:
     from beam_jobs.features import build_features
     from recsys_cvae.config import Config, ExportConfig, FeaturesConfig
     from recsys_cvae.datasets.synthetic import write_synthetic
-    from recsys_cvae.export import export_model
-    from recsys_cvae.train import train
+    from recsys_cvae.export.saved_model import export_model
+    from recsys_cvae.training.fit import train
 
     raw = write_synthetic(os.path.join(folder, "raw"), num_users=users, num_items=items, seed=0)
     features = os.path.join(folder, "features")

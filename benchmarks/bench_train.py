@@ -66,8 +66,8 @@ import tensorflow as tf  # noqa: E402
 from recsys_cvae import spec as S  # noqa: E402
 from recsys_cvae.config import ModelConfig  # noqa: E402
 from recsys_cvae.memory import reset_high_water_mark, status_bytes  # noqa: E402
-from recsys_cvae.model import build_model  # noqa: E402
-from recsys_cvae.train import adam, adapt_to_data  # noqa: E402
+from recsys_cvae.model.cvae import build_model  # noqa: E402
+from recsys_cvae.training.fit import adam, adapt_to_data  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FULL = {"users": 138_493, "items": 26_744}

@@ -14,6 +14,7 @@ none of them should import another's internals to learn it.
 
 from __future__ import annotations
 
+import json
 import posixpath
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -102,7 +103,7 @@ def to_table(
     )
 
 
-def top_k_batch(
+def rows_of_top_k(
     user_ids: pa.Array, item_ids: pa.Array, scores: np.ndarray, model: str
 ) -> pa.RecordBatch:
     """A model's padded top-K answer for a batch of users -> rows with exactly SCHEMA.
@@ -201,3 +202,34 @@ def iter_rows(
 def count_rows(paths: Iterable[str]) -> int:
     """Rows in the given shards, from the Parquet footers only."""
     return sum(open_parquet(path).metadata.num_rows for path in paths)
+
+
+# ---- which model answered which split ------------------------------------------------------
+
+SOURCES_FILE = "sources.json"
+
+
+def read_sources(candidates_dir: str, model_name: str = "cvae") -> dict[str, dict[str, str]]:
+    """split -> {"protocol", "model_dir", "export_dir"} of a model's candidates; {} if none.
+
+    Written next to the shards (`<model_name>/sources.json`) by the run that wrote them, so
+    the evaluation can say which protocol's model answered each split.
+    """
+    import tensorflow as tf  # deferred: tf.io.gfile only, and this module loads without TF
+
+    path = posixpath.join(candidates_dir, model_name, SOURCES_FILE)
+    if not tf.io.gfile.exists(path):
+        return {}
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f)
+
+
+def write_sources(
+    candidates_dir: str, sources: dict[str, dict[str, str]], model_name: str = "cvae"
+) -> None:
+    """Replaces `<model_name>/sources.json` with `sources` (split -> where it came from)."""
+    import tensorflow as tf  # deferred, as in read_sources
+
+    tf.io.gfile.makedirs(posixpath.join(candidates_dir, model_name))
+    with tf.io.gfile.GFile(posixpath.join(candidates_dir, model_name, SOURCES_FILE), "w") as f:
+        f.write(json.dumps(sources, indent=2) + "\n")

@@ -1,9 +1,11 @@
-"""`recsys-cvae`: every stage of the pipeline from the shell.
+"""`recsys-cvae`: every stage of the pipeline from the shell; this module parses and dispatches.
 
 Each subcommand reads and writes the standard folders under `--workdir W`
-(`W/features`, `W/model`, `W/export/<version>`, `W/candidates`, `W/report`), each of which can
-be overridden; every protocol but the main one gets its CVAE under `W/protocols/<protocol>/`
-(`recsys_cvae.protocol_models`). Settings come from `--config FILE.toml` and
+(`W/features`, `W/model`, `W/export/<version>`, `W/candidates`, `W/report`;
+`recsys_cvae.pipeline.workdir`), each of which can be overridden; every protocol but the main
+one gets its CVAE under `W/protocols/<protocol>/` (`recsys_cvae.pipeline.cvae_runs`). The
+stages themselves are `recsys_cvae.pipeline.stages`; the Beam jobs they start are handed to
+them from here (the library never imports `beam_jobs`). Settings come from `--config FILE.toml` and
 `--set section.field=value`. Arguments after a lone `--` go to Beam's PipelineOptions
 (features and candidates only), e.g.
 `recsys-cvae features --data-dir d --workdir w -- --direct_num_workers=2`.
@@ -15,230 +17,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 from recsys_cvae.config import Config, load_config
-from recsys_cvae.memory import PeakMemory, release_free_memory
-from recsys_cvae.spec import absolute_local_path
+from recsys_cvae.pipeline.workdir import Workdir
+from serving.flags import add_server_arguments, server_kwargs
 
 if TYPE_CHECKING:
-    from recsys_cvae.protocol_models import ProtocolModel
-
-log = logging.getLogger("recsys_cvae")
+    from recsys_cvae.pipeline.stages import BeamJobs
 
 DEFAULT_WORKDIR = "runs/default"
 DEMO_WORKDIR = "runs/demo"
 DEFAULT_MODEL_NAME = "recsys_cvae"
-
-
-@dataclass
-class Workdir:
-    """The standard artefact folders of one run, each overridable from the command line."""
-
-    root: str
-    features: str = ""
-    model: str = ""
-    export: str = ""
-    candidates: str = ""
-    report: str = ""
-    data: str = ""
-
-    def __post_init__(self) -> None:
-        # Resolved once, here at the CLI boundary: every stage (and every subprocess a stage
-        # starts in another folder, such as the export verifier) then sees the same folder
-        # whatever its cwd. URLs (gs://...) are left as they are.
-        self.root = absolute_local_path(self.root)
-        for name in ("features", "model", "export", "candidates", "report", "data"):
-            value = getattr(self, name)
-            default = os.path.join(self.root, name)
-            setattr(self, name, absolute_local_path(value) if value else default)
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Workdir:
-        return cls(
-            root=args.workdir,
-            features=args.features_dir or "",
-            model=args.model_dir or "",
-            export=args.export_base or "",
-            candidates=args.candidates_dir or "",
-            report=args.report_dir or "",
-        )
-
-
-@dataclass
-class StageTimer:
-    """Records each stage's duration, CPU time and peak memory, for the table `pipeline` prints.
-
-    CPU seconds are this process's and its finished children's user + system time (on a
-    shared machine wall time grows with the load, CPU time much less). Peak memory is the
-    resident memory of this process and its children during the stage (`PeakMemory`), so a
-    stage that runs Beam worker processes is counted whole.
-    """
-
-    seconds: dict[str, float] = field(default_factory=dict)
-    cpu_seconds: dict[str, float] = field(default_factory=dict)
-    peak_bytes: dict[str, int | None] = field(default_factory=dict)
-
-    def run(self, name: str, fn: Callable, *args, **kwargs):
-        log.info("── %s ──", name)
-        start, cpu_start = time.perf_counter(), _cpu_seconds()
-        with PeakMemory() as peak:
-            result = fn(*args, **kwargs)
-        self.seconds[name] = time.perf_counter() - start
-        self.cpu_seconds[name] = _cpu_seconds() - cpu_start
-        # The stages share this process: hand what the finished stage freed back to the OS,
-        # so the next stage's peak is not its own plus the allocator's leftovers. (Between
-        # stages: a collection over a large heap is not the stage's own time.)
-        release_free_memory()
-        self.peak_bytes[name] = peak.bytes
-        log.info("%s done in %.1f s (CPU %.1f s, peak RSS %s GB)", name, self.seconds[name],
-                 self.cpu_seconds[name], _gigabytes(peak.bytes))  # fmt: skip
-        return result
-
-    def table(self) -> str:
-        """Markdown: one row per stage, then the total (sums; the largest stage peak)."""
-        lines = ["| stage | seconds | CPU seconds | peak RSS GB |", "|---|---:|---:|---:|"]
-        lines += [
-            f"| {name} | {s:.1f} | {self.cpu_seconds.get(name, 0.0):.1f} | "
-            f"{_gigabytes(self.peak_bytes.get(name))} |"
-            for name, s in self.seconds.items()
-        ]
-        peaks = [b for b in self.peak_bytes.values() if b is not None]
-        total_peak = _gigabytes(max(peaks)) if peaks else "-"
-        lines.append(
-            f"| total | {sum(self.seconds.values()):.1f} | "
-            f"{sum(self.cpu_seconds.values()):.1f} | {total_peak} |"
-        )
-        return "\n".join(lines)
-
-
-def _cpu_seconds() -> float:
-    """User + system CPU seconds of this process and its waited-for children."""
-    times = os.times()
-    return times.user + times.system + times.children_user + times.children_system
-
-
-def _gigabytes(value: int | None) -> str:
-    return "-" if value is None else f"{value / 1e9:.2f}"
-
-
-# ---- stages -------------------------------------------------------------------------------
-
-
-def run_features(data_dir: str, work: Workdir, config: Config, beam_args: list[str]):
-    from beam_jobs.features import build_features
-
-    return build_features(data_dir, work.features, config.features, pipeline_args=beam_args)
-
-
-def planned_models(work: Workdir, config: Config) -> list[ProtocolModel]:
-    """The CVAEs of this run, one per chosen protocol (`recsys_cvae.protocol_models`): the
-    main one in `W/model` and `W/export`, the others in `W/protocols/<protocol>/`."""
-    from recsys_cvae.protocol_models import plan_models
-    from recsys_cvae.spec import FeatureSpec
-
-    spec = FeatureSpec.load(work.features)
-    return plan_models(spec, config, work.root, work.model, work.export)
-
-
-def run_train(work: Workdir, config: Config) -> dict[str, dict]:
-    """Trains every protocol's CVAE; returns protocol -> best validation metrics."""
-    from recsys_cvae.protocol_models import train_models
-
-    return train_models(work.features, planned_models(work, config), config)
-
-
-def run_export(work: Workdir, config: Config) -> dict[str, str]:
-    """Exports every protocol's CVAE; returns protocol -> export version directory."""
-    from recsys_cvae.protocol_models import export_models
-
-    return export_models(planned_models(work, config), config.export)
-
-
-def run_candidates(work: Workdir, config: Config, beam_args: list[str], export_dir: str = ""):
-    """Every protocol's test split from its own CVAE (cold start from the main one); with
-    `export_dir`, that one export answers `candidates.splits` instead."""
-    if export_dir:
-        from beam_jobs.candidates import generate_candidates
-        from recsys_cvae.protocol_models import forget_sources
-
-        written = generate_candidates(
-            export_dir, work.features, work.candidates, config.candidates,
-            pipeline_args=beam_args, save_main_session=False,
-        )
-        forget_sources(work.candidates, list(config.candidates.splits))
-        return written
-    from recsys_cvae.protocol_models import write_candidates
-
-    return write_candidates(
-        work.features, work.candidates, planned_models(work, config), config,
-        pipeline_args=beam_args,
-    )
-
-
-def run_baselines(work: Workdir, config: Config) -> list[str]:
-    from recsys_cvae.baselines import build_baselines
-
-    return build_baselines(
-        work.features, work.candidates, config.evaluate, top_k=config.export.top_k,
-        full_config=config,
-    )
-
-
-def run_evaluate(work: Workdir, config: Config, data_dir: str = "") -> dict:
-    from recsys_cvae.evaluation import evaluate
-
-    return evaluate(
-        work.features, work.candidates, work.report, config.evaluate,
-        data_dir=data_dir, export_dir=work.export,
-    )
-
-
-def run_pipeline(data_dir: str, work: Workdir, config: Config, beam_args: list[str]) -> dict:
-    """All stages in order; prints each stage's duration and the final metrics tables."""
-    timer = StageTimer()
-    timer.run("features", run_features, data_dir, work, config, beam_args)
-    timer.run("train", run_train, work, config)
-    timer.run("export", run_export, work, config)
-    timer.run("candidates", run_candidates, work, config, beam_args)
-    timer.run("baselines", run_baselines, work, config)
-    metrics = timer.run("evaluate", run_evaluate, work, config, data_dir)
-    print("\nStage durations\n" + timer.table())
-    print_metrics(metrics)
-    print_report_location(work)
-    return metrics
-
-
-def print_report_location(work: Workdir) -> None:
-    """Points at the HTML report (tables, plots, what-if panel) first, then its Markdown twin."""
-    from recsys_cvae.evaluation import HTML_FILE, REPORT_FILE
-
-    print(f"\nReport: {os.path.join(work.report, HTML_FILE)}"
-          f" (Markdown: {os.path.join(work.report, REPORT_FILE)})")
-
-
-def print_metrics(metrics: dict) -> None:
-    """One table per scored split (every protocol's test split), titled with its protocol."""
-    from recsys_cvae.evaluation import format_table
-
-    protocol_of = {split: p for p, split in metrics.get("protocols", {}).items()}
-    for split in metrics.get("splits", {}):
-        title = f"Metrics on the {split} users" + (
-            f" ({protocol_of[split]} protocol)" if split in protocol_of else ""
-        )
-        print(f"\n{title}\n" + format_table(metrics, split))
-
-
-def write_demo_data(work: Workdir, num_users: int, num_items: int, seed: int) -> str:
-    from recsys_cvae.datasets.synthetic import write_synthetic
-
-    log.info("writing synthetic data (%d users, %d items) to %s", num_users, num_items, work.data)
-    return write_synthetic(work.data, num_users=num_users, num_items=num_items, seed=seed)
 
 
 # ---- argument parsing ---------------------------------------------------------------------
@@ -286,7 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_model_commands(sub)
+    _add_serving_commands(sub)
+    _add_scoring_commands(sub)
+    _add_run_commands(sub)
+    return parser
 
+
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:
+    """features, train, export: from raw logs to a SavedModel."""
     p = sub.add_parser("features", help="raw logs + user profiles -> per-user TFRecords (Beam)")
     p.add_argument(
         "--data-dir",
@@ -327,10 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_protocols(p)
     _add_common(p)
 
+
+def _add_serving_commands(sub: argparse._SubParsersAction) -> None:
+    """serve, query: the exports over TF Serving's API, and one call to them."""
     p = sub.add_parser("serve", help="serve the exports over TF Serving's gRPC API")
     p.add_argument("--model-base-path", help="folder of integer versions (default: WORKDIR/export)")
-    from serving.flags import add_server_arguments
-
     add_server_arguments(p)  # --model-config-file, --enable-batching, --ssl-cert, ...
     p.set_defaults(model_name=DEFAULT_MODEL_NAME)
     _add_common(p)
@@ -359,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(p)
 
+
+def _add_scoring_commands(sub: argparse._SubParsersAction) -> None:
+    """candidates, baselines, evaluate: every model's top-K and their scores."""
     p = sub.add_parser("candidates", help="top-K for evaluation users with Beam RunInference")
     p.add_argument(
         "--export-dir",
@@ -377,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(p)
 
+
+def _add_run_commands(sub: argparse._SubParsersAction) -> None:
+    """pipeline, demo: every stage in order."""
     p = sub.add_parser("pipeline", help="all stages in order, then the metrics table")
     p.add_argument(
         "--data-dir",
@@ -390,7 +197,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synthetic_flags(p, users=3000, items=500)
     _add_protocols(p)
     _add_common(p, workdir_default=DEMO_WORKDIR)
-    return parser
 
 
 def _add_protocols(parser: argparse.ArgumentParser) -> None:
@@ -443,40 +249,70 @@ def _resolve_config(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides)
 
 
+def workdir_from_args(args: argparse.Namespace) -> Workdir:
+    """The run folders of the parsed `--workdir` and `--*-dir` flags, resolved once here."""
+    return Workdir(
+        root=args.workdir,
+        features=args.features_dir or "",
+        model=args.model_dir or "",
+        export=args.export_base or "",
+        candidates=args.candidates_dir or "",
+        report=args.report_dir or "",
+    )
+
+
+def beam_jobs() -> BeamJobs:
+    """The Beam jobs the stages start, from the deployable `beam_jobs` package."""
+    # Deferred with the stages: Beam and TensorFlow load only when a command runs.
+    from beam_jobs.candidates import generate_candidates
+    from beam_jobs.features import build_features
+    from recsys_cvae.pipeline.stages import BeamJobs
+
+    return BeamJobs(build_features=build_features, generate_candidates=generate_candidates)
+
+
 def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
-    config = _resolve_config(args)
-    work = Workdir.from_args(args)
+    config = _resolve_config(args)  # first: a bad --config or --set fails every command alike
+    if args.command == "serve":
+        run_serve(args, workdir_from_args(args))
+        return 0
+    if args.command == "query":
+        print(run_query(args))
+        return 0
+    # Deferred: the stages import TensorFlow (seconds), which `--help`, `serve` and `query`
+    # never need from here.
+    from recsys_cvae.pipeline import stages
+
+    work = workdir_from_args(args)
     if args.command == "features":
-        run_features(args.data_dir, work, config, beam_args)
+        stages.run_features(beam_jobs(), args.data_dir, work, config, beam_args)
     elif args.command == "train":
-        for protocol, result in run_train(work, config).items():
+        for protocol, result in stages.run_train(work, config).items():
             values = ", ".join(f"{k}={v}" for k, v in result.items())
             print(f"best validation ({protocol} protocol): {values}")
     elif args.command == "export":
-        for protocol, export_dir in run_export(work, config).items():
+        for protocol, export_dir in stages.run_export(work, config).items():
             print(f"{protocol}: {export_dir}")
     elif args.command == "candidates":
-        print(run_candidates(work, config, beam_args, export_dir=args.export_dir or ""))
+        print(stages.run_candidates(
+            beam_jobs(), work, config, beam_args, export_dir=args.export_dir or ""
+        ))
     elif args.command == "baselines":
-        print("wrote baselines:", ", ".join(run_baselines(work, config)))
+        print("wrote baselines:", ", ".join(stages.run_baselines(beam_jobs(), work, config)))
     elif args.command == "evaluate":
-        print_metrics(run_evaluate(work, config, args.data_dir or ""))
-        print_report_location(work)
+        stages.print_metrics(stages.run_evaluate(work, config, args.data_dir or ""))
+        stages.print_report_location(work)
     elif args.command in ("pipeline", "demo"):
-        data_dir = getattr(args, "data_dir", None) or write_demo_data(
+        data_dir = getattr(args, "data_dir", None) or stages.write_demo_data(
             work, args.synthetic_users, args.synthetic_items, args.synthetic_seed
         )
-        run_pipeline(data_dir, work, config, beam_args)
-    elif args.command == "serve":
-        run_serve(args, work)
-    elif args.command == "query":
-        print(run_query(args))
+        stages.run_pipeline(beam_jobs(), data_dir, work, config, beam_args)
     return 0
 
 
 def run_serve(args: argparse.Namespace, work: Workdir) -> NoReturn:
     """Serves until SIGTERM/SIGINT; in-flight requests finish first."""
-    from serving.flags import server_kwargs
+    # Deferred: the server loads TensorFlow and grpc, which other commands do not need.
     from serving.server import ModelServer, describe, exit_after_stop
 
     base_path = None if args.model_config_file else (args.model_base_path or work.export)
@@ -489,7 +325,8 @@ def run_serve(args: argparse.Namespace, work: Workdir) -> NoReturn:
 
 
 def run_query(args: argparse.Namespace) -> str:
-    from serving.client import query
+    from serving.client import query  # deferred: grpc and the serving protos
+
 
     attributes = {}
     for pair in args.attr:

@@ -101,7 +101,7 @@ class ModelConfig:
       linear_init_l2: EASE's λ for that closed form.
       linear_blend_lambdas: after training, add α · EASE(λ)'s closed form to the branch, with
         (λ, α) chosen on validation NDCG@10 over these λ and `linear_blend_weights`
-        (`recsys_cvae.linear_blend`; α = 0 is always a candidate); [] turns it off.
+        (`recsys_cvae.training.ease_blend`; α = 0 is always a candidate); [] turns it off.
       linear_blend_weights: the α tried for each λ.
       prior_reconstruction_weight: w in loss += w · −log p(x | z_p, c), z_p ~ p(z|c) (Sohn et
         al.'s hybrid CVAE/GSNN objective): trains the path `generate` uses (cold start,
@@ -169,7 +169,7 @@ class TrainConfig:
       protocol: the main protocol, whose CVAE is `W/model` and `W/export` (served, and
         answering cold start); "" the spec's primary. Set alone, it is the only one trained.
       protocols: protocols that get their own CVAE, each fitted on its train split and scored
-        on its test split (`recsys_cvae.protocol_models`; others under `W/protocols/<name>/`);
+        on its test split (`recsys_cvae.pipeline.cvae_runs`; others under `W/protocols/<name>/`);
         empty: every protocol with a train split (or only `protocol` when that is set).
         Must include the main protocol; `["strong"]` trains the primary one only (large data).
     """
@@ -238,7 +238,9 @@ class EvaluateConfig:
       splits: which splits to score (and to write baseline candidates for).
       baselines: which baselines `build_baselines` writes by default; `two_tower` (TFRS) and
         `multvae` (the CVAE without conditioning, a full training run) are opt-in.
-      selection_metric: validation metric that picks baseline settings (EASE λ, segment).
+      selection_metric: the one validation metric that picks every model's settings: the
+        CVAE's best epoch and EASE blend weight, baseline settings (EASE λ, segment), and the
+        baseline each model is paired with in the report. `<metric>@k`, e.g. `ndcg@10`.
       ease_lambdas: L2 strengths tried for EASE on the validation split.
       segment_prior_users: segment popularity shrinks towards global popularity with the
         weight of this many users (small segments fall back to global popularity).

@@ -28,7 +28,7 @@ Definitions (binary relevance, rank r = 1..k):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -144,6 +144,22 @@ def accuracy_metrics(
     return out
 
 
+def metric_cutoff(name: str) -> int:
+    """k of a `<metric>@k` name (`ndcg@10` -> 10), for ranking just deep enough to score it.
+
+    Raises ValueError naming the accepted forms for anything else (`mrr` included: every
+    selection ranks to a cutoff)."""
+    kind, _, cutoff = name.partition("@")
+    if kind not in {"recall", "nrecall", "ndcg", "precision", "map", "hitrate"} or not (
+        cutoff.isdigit() and int(cutoff) > 0
+    ):
+        raise ValueError(
+            f"evaluate.selection_metric {name!r}: expected "
+            f"<recall|nrecall|ndcg|precision|map|hitrate>@k, e.g. ndcg@10"
+        )
+    return int(cutoff)
+
+
 def ranking_metrics(
     ranked: Sequence[Sequence], truth: Sequence[set], ks: Sequence[int]
 ) -> dict[str, np.ndarray]:
@@ -243,3 +259,25 @@ def catalogue_coverage(ranked: Sequence[Sequence], num_items: int, k: int) -> fl
     """Share of the catalogue that appears in at least one user's top k (from id lists)."""
     seen = {item for row in ranked for item in list(row)[:k] if item is not None}
     return len(seen) / num_items if num_items else 0.0
+
+
+# ---- small inputs ----------------------------------------------------------------------
+
+
+def score_rankings(
+    ranked_by_user: Mapping[str, Sequence[str]],
+    truth: Mapping[str, set[str]],
+    ks: Sequence[int],
+    num_items: int,
+) -> dict[str, float]:
+    """Mean accuracy metrics and coverage over the users in `truth` from Python lists (small
+    inputs: baseline tuning, tests). Users of `truth` absent from `ranked_by_user` score 0."""
+    users = sorted(truth)
+    ranked = [list(ranked_by_user.get(u, ())) for u in users]
+    per_user = ranking_metrics(ranked, [truth[u] for u in users], ks)
+    result = {name: float(np.mean(v)) if len(v) else 0.0 for name, v in per_user.items()}
+    for k in ks:
+        result[f"coverage@{k}"] = catalogue_coverage(ranked, num_items, k)
+    result["users"] = len(users)
+    result["users_missing"] = sum(1 for u in users if u not in ranked_by_user)
+    return result

@@ -2,7 +2,8 @@
 
 Why a module of its own: the baselines, segment popularity and the item-item blend's
 validation all rank `[users, num_items]` scores this way, and the shared-row fast path
-(`SharedScores`, `top_k_shared`) must give exactly `top_k`'s order, so the two live together.
+(`SharedScores`, `top_unseen_shared`) must give exactly `top_unseen`'s order, so the two
+live together. ("Unseen": a user's own history items are never among their top k.)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ class SharedScores:
     """Scores of a chunk of users who share a few distinct rows (popularity, segments).
 
     Why not a dense matrix: every user of a segment has the same scores, so ranking each
-    distinct row once and skipping each user's history (`top_k_shared`) replaces a
+    distinct row once and skipping each user's history (`top_unseen_shared`) replaces a
     [users, num_items] partition per chunk; at ML-20M size that made the popularity
     baselines the slowest stage. A scorer that returns the same `table` object for every
     chunk has it sorted once per split.
@@ -37,7 +38,7 @@ class SharedScores:
         return self.table[self.row_of]
 
 
-def top_k(scores: np.ndarray, exclude: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def top_unseen(scores: np.ndarray, exclude: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Best-first item indices and scores per row, skipping excluded items.
 
     Args:
@@ -76,12 +77,12 @@ def top_k(scores: np.ndarray, exclude: np.ndarray, k: int) -> tuple[np.ndarray, 
 
 @dataclasses.dataclass(frozen=True)
 class SortedTable:
-    """A `SharedScores.table` with each row's items ranked once, for `top_k_shared`.
+    """A `SharedScores.table` with each row's items ranked once, for `top_unseen_shared`.
 
     Attributes:
       table: [num_distinct, num_items] float scores.
       order: [num_distinct, num_items] int64 items of each row best first, ties to the lower
-        index (`top_k`'s order).
+        index (`top_unseen`'s order).
       position: [num_distinct, num_items] int32 inverse of `order`: where each item stands.
     """
 
@@ -91,7 +92,7 @@ class SortedTable:
 
 
 def sort_table(table: np.ndarray) -> SortedTable | None:
-    """Ranks every row of a shared table; None when it holds NaN, whose order only `top_k`
+    """Ranks every row of a shared table; None when it holds NaN, whose order only `top_unseen`
     defines (the caller then densifies)."""
     if np.isnan(table).any():
         return None
@@ -102,7 +103,7 @@ def sort_table(table: np.ndarray) -> SortedTable | None:
     return SortedTable(table, order, position)
 
 
-def top_k_shared(
+def top_unseen_shared(
     ranked: SortedTable, row_of: np.ndarray, history: Histories, rows: slice, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """`top_k(ranked.table[row_of], history.dense(rows), k)` without a dense row per user.
@@ -119,7 +120,7 @@ def top_k_shared(
       k: list length.
 
     Returns:
-      Exactly `top_k`'s ([num_users, k'] indices, [num_users, k'] float32 scores).
+      Exactly `top_unseen`'s ([num_users, k'] indices, [num_users, k'] float32 scores).
     """
     num_items = ranked.table.shape[1]
     k = min(k, num_items)

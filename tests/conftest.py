@@ -24,3 +24,11 @@ def features_dir(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("features"))
     build_features(raw_dir, out, FeaturesConfig(), save_main_session=False, quiet=True)
     return out
+
+
+@pytest.fixture()
+def toy_dirs(tmp_path) -> tuple[str, str, str]:
+    """(features, candidates, report): a 5-item catalogue and two models' candidates."""
+    from tests.builders import write_toy_dirs
+
+    return write_toy_dirs(tmp_path)

@@ -10,7 +10,7 @@ def test_relative_run_folders_become_absolute_in_the_callers_folder(tmp_path, mo
     args = cli.build_parser().parse_args(
         ["export", "--workdir", "runs/x", "--model-dir", "elsewhere/model"]
     )
-    work = cli.Workdir.from_args(args)
+    work = cli.workdir_from_args(args)
     assert work.root == str(tmp_path / "runs" / "x")
     assert work.export == str(tmp_path / "runs" / "x" / "export")
     assert work.model == str(tmp_path / "elsewhere" / "model")
@@ -21,6 +21,6 @@ def test_relative_run_folders_become_absolute_in_the_callers_folder(tmp_path, mo
 def test_urls_are_left_as_they_are(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = cli.build_parser().parse_args(["export", "--workdir", "gs://bucket/run"])
-    work = cli.Workdir.from_args(args)
+    work = cli.workdir_from_args(args)
     assert work.root == "gs://bucket/run"
     assert work.export == "gs://bucket/run/export"

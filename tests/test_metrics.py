@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from recsys_cvae import metrics as M
-from recsys_cvae import stats as St
+from recsys_cvae.evaluation import stats as St
 
 LOG2_3 = math.log2(3)
 

@@ -166,7 +166,7 @@ def test_handler_drops_the_padding_when_a_history_leaves_fewer_than_k_items(
     (result,) = handler.run_inference([batch], handler.load_model())
     assert result.example == batch
     inference = result.inference
-    rows = C.top_k_batch(
+    rows = C.rows_of_top_k(
         inference[C.USER_ID], inference[C.ITEM_IDS], inference[C.SCORES], "m"
     ).to_pylist()
     for example, row in zip(batch, rows, strict=True):
@@ -181,7 +181,7 @@ def test_handler_drops_the_padding_when_a_history_leaves_fewer_than_k_items(
 
 def test_top_k_batch_keeps_the_filled_slots_of_each_row_in_order():
     # Two users, K = 3: u1 got three items; u2's history left one, so "" / -inf pad its row.
-    batch = C.top_k_batch(
+    batch = C.rows_of_top_k(
         pa.array(["u1", "u2"]),
         pa.array(["a", "b", "c", "d", "", ""]),
         np.array([[3.0, 2.0, 1.0], [5.0, -np.inf, -np.inf]], np.float32),
@@ -195,7 +195,7 @@ def test_top_k_batch_keeps_the_filled_slots_of_each_row_in_order():
         "model": ["cvae/3", "cvae/3"],
     }
     with pytest.raises(C.CandidatesError, match="top-K shapes differ"):
-        C.top_k_batch(pa.array(["u1"]), pa.array(["a"]), np.zeros((1, 2), np.float32), "m")
+        C.rows_of_top_k(pa.array(["u1"]), pa.array(["a"]), np.zeros((1, 2), np.float32), "m")
 
 
 def test_arrow_strings_reads_joined_bytes_and_rejects_bad_utf8():

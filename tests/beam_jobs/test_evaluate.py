@@ -10,11 +10,10 @@ from apache_beam.testing.test_pipeline import TestPipeline
 
 from beam_jobs import evaluate as beam_evaluate
 from recsys_cvae import candidates_format as C
-from recsys_cvae import evaluation as E
-from recsys_cvae import scoring as Sc
 from recsys_cvae import spec as S
 from recsys_cvae.config import EvaluateConfig
-from tests.test_evaluation import toy_dirs  # noqa: F401  (fixture)
+from recsys_cvae.evaluation import evaluate as E
+from recsys_cvae.evaluation import scoring as Sc
 
 
 def _close(a, b) -> None:
@@ -33,7 +32,7 @@ def _close(a, b) -> None:
 
 
 @pytest.mark.parametrize("model", ["m1", "m2"])
-def test_beam_summary_equals_in_process_summary(toy_dirs, tmp_path, model):  # noqa: F811
+def test_beam_summary_equals_in_process_summary(toy_dirs, tmp_path, model):
     features, candidates, _ = toy_dirs
     config = EvaluateConfig(ks=[1, 2])
     spec = S.FeatureSpec.load(features)

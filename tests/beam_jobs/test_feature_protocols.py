@@ -18,7 +18,7 @@ from recsys_cvae import spec as S
 from recsys_cvae.config import ConfigError, FeaturesConfig
 from recsys_cvae.datasets import layouts as L
 from recsys_cvae.datasets.synthetic import write_synthetic
-from tests.beam_jobs.test_features import read_split
+from tests.builders import read_feature_split
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def built(tmp_path_factory):
     spec = job.build_features(raw, out, config, save_main_session=False, quiet=True)
     events = pd.read_csv(os.path.join(raw, "interactions.csv"), dtype={"user_id": str})
     times = {(u, i): t for u, i, t in zip(events.user_id, events.item_id, events.timestamp)}
-    records = {split: read_split(spec, split) for split in spec.splits}
+    records = {split: read_feature_split(spec, split) for split in spec.splits}
     return spec, records, times
 
 

@@ -10,7 +10,6 @@ import os
 import apache_beam as beam
 import pyarrow as pa
 import pytest
-import tensorflow as tf
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
@@ -25,6 +24,7 @@ from recsys_cvae import spec as S
 from recsys_cvae.config import ConfigError, FeaturesConfig
 from recsys_cvae.datasets import layouts as L
 from recsys_cvae.datasets.synthetic import write_synthetic
+from tests.builders import read_feature_split
 
 
 def write_csv_folder(directory, interactions: str, users: str | None = None) -> str:
@@ -35,14 +35,6 @@ def write_csv_folder(directory, interactions: str, users: str | None = None) -> 
         with open(os.path.join(directory, "users.csv"), "w") as f:
             f.write(users)
     return str(directory)
-
-
-def read_split(spec: S.FeatureSpec, split: str) -> list[dict]:
-    records = []
-    for path in sorted(glob.glob(spec.split_pattern(split))):
-        for serialized in tf.data.TFRecordDataset(path, compression_type="GZIP"):
-            records.append(S.decode_user_example(serialized.numpy(), spec.attributes))
-    return records
 
 
 # ---- hashing, splits, hold-out ----------------------------------------------------------------
@@ -271,7 +263,7 @@ def test_job_on_synthetic_data(tmp_path):
 
     seen: set[str] = set()
     for split in strong:
-        records = read_split(spec, split)
+        records = read_feature_split(spec, split)
         assert len(records) == spec.splits[split].users == counts["users_per_split"][split]
         ids = {r["user_id"] for r in records}
         assert not ids & seen, f"users in two splits: {ids & seen}"
@@ -329,7 +321,7 @@ def test_bad_rows_become_dead_letters_and_filters_apply(tmp_path):
         ("users.csv", 6, "duplicate_user_id"),
     ]
     assert {d["raw"] for d in letters} == {"u3,i2,abc,2", "u2,free"}
-    users = {r["user_id"]: r for split in S.SPLITS for r in read_split(spec, split)}
+    users = {r["user_id"]: r for split in S.SPLITS for r in read_feature_split(spec, split)}
     assert counts["files"][os.path.join(data, "users.csv")]["rows_valid"] == 4
     assert sorted(users) == ["u1", "u2", "u3", "u4"]
     everything = {u: set(r["history_item_ids"] + r["target_item_ids"]) for u, r in users.items()}

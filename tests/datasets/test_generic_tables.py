@@ -7,11 +7,11 @@ import pytest
 
 from recsys_cvae.datasets import layouts as L
 from recsys_cvae.datasets.generic_tables import infer_kind
-from tests.datasets.test_layouts import rows, write
+from tests.builders import parsed_rows, write_raw
 
 
 def test_generic_csv(tmp_path):
-    write(
+    write_raw(
         tmp_path / "interactions.csv",
         "\ufeffuser_id,item_id,rating,source\n"  # BOM and an extra column, which is ignored
         'u1,i1,4,"web,app"\n'
@@ -21,7 +21,7 @@ def test_generic_csv(tmp_path):
         "\n"
         "u3,i1,2.5,app\n",
     )
-    write(tmp_path / "users.csv", "user_id,age,zip\nu1,31,01234\nu2,,99999\n")
+    write_raw(tmp_path / "users.csv", "user_id,age,zip\nu1,31,01234\nu2,,99999\n")
     layout = L.detect_layout(str(tmp_path), categorical=["zip"])
     assert layout.name == L.CSV and layout.has_rating and not layout.has_timestamp
     assert layout.attributes == ("age", "zip") and layout.kinds == {"zip": "categorical"}
@@ -40,7 +40,7 @@ def test_generic_csv(tmp_path):
         (5, "wrong_field_count"),
         (7, L.Interaction("u3", "i1", 2.5, None)),
     ]
-    assert rows(layout, L.USERS) == [
+    assert parsed_rows(layout, L.USERS) == [
         (2, L.UserRow("u1", {"age": "31", "zip": "01234"})),
         (3, L.UserRow("u2", {"age": "", "zip": "99999"})),
     ]
@@ -61,7 +61,7 @@ def test_parquet(tmp_path):
     with pytest.raises(L.BadRow) as bad:
         layout.parse(L.INTERACTIONS, raw[1][1])  # a null rating
     assert bad.value.reason == "bad_rating"
-    assert rows(layout, L.USERS) == [(1, L.UserRow("1", {"age": "30.5", "plan": "free"}))]
+    assert parsed_rows(layout, L.USERS) == [(1, L.UserRow("1", {"age": "30.5", "plan": "free"}))]
 
 
 def test_infer_kind():

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 
 from recsys_cvae.datasets import layouts as L
-from tests.datasets.test_layouts import rows, write
+from tests.builders import parsed_rows, write_raw
 
 
 def test_ml_100k(tmp_path):
-    write(tmp_path / "u.data", "196\t242\t3\t881250949\n186\t302\t3\t891717742\n")
-    write(tmp_path / "u.user", "1|24|M|technician|85711\n2|53|F|other|T8H1N\n")
+    write_raw(tmp_path / "u.data", "196\t242\t3\t881250949\n186\t302\t3\t891717742\n")
+    write_raw(tmp_path / "u.user", "1|24|M|technician|85711\n2|53|F|other|T8H1N\n")
     flags = "|".join(["0"] * 19)
     comedy = "|".join(["0"] * 5 + ["1"] + ["0"] * 13)  # flag 5 = Comedy
-    write(
+    write_raw(
         tmp_path / "u.item",
         f"242|Kolya (1996)|24-Jan-1997||http://x|{comedy}\n"
         f"302|Café (1997)|01-Jan-1997||u|{flags}\n",
@@ -23,12 +23,12 @@ def test_ml_100k(tmp_path):
     assert layout.name == L.ML_100K and layout.has_rating and layout.has_timestamp
     assert layout.attributes == ("age", "gender", "occupation", "zip_region")
     assert layout.kinds["age"] == "numeric" and layout.kinds["zip_region"] == "categorical"
-    assert rows(layout, L.INTERACTIONS) == [
+    assert parsed_rows(layout, L.INTERACTIONS) == [
         (1, L.Interaction("196", "242", 3.0, 881250949.0)),
         (2, L.Interaction("186", "302", 3.0, 891717742.0)),
     ]
     # zip_region is the first character of the zip code, letters upper-cased.
-    assert rows(layout, L.USERS)[1] == (
+    assert parsed_rows(layout, L.USERS)[1] == (
         2,
         L.UserRow("2", {"age": "53", "gender": "F", "occupation": "other", "zip_region": "T"}),
     )
@@ -43,9 +43,9 @@ def test_ml_100k(tmp_path):
 
 
 def test_ml_1m(tmp_path):
-    write(tmp_path / "ratings.dat", "1::1193::5::978300760\n1::661::x::978302109\n")
-    write(tmp_path / "users.dat", "1::F::1::10::48067\n2::M::56::16::70072\n3::M::17::1::1\n")
-    write(tmp_path / "movies.dat", "1193::Nausicaä (1984)::Animation|Fantasy\n", "latin-1")
+    write_raw(tmp_path / "ratings.dat", "1::1193::5::978300760\n1::661::x::978302109\n")
+    write_raw(tmp_path / "users.dat", "1::F::1::10::48067\n2::M::56::16::70072\n3::M::17::1::1\n")
+    write_raw(tmp_path / "movies.dat", "1193::Nausicaä (1984)::Animation|Fantasy\n", "latin-1")
     layout = L.detect_layout(str(tmp_path))
     assert layout.name == L.ML_1M and layout.encoding == "latin-1"
     assert layout.attributes == ("gender", "age", "occupation", "zip_region")

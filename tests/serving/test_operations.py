@@ -27,8 +27,8 @@ from serving.batching import Batcher
 from serving.client import RecommenderClient, ServingError
 from serving.server import ModelServer
 from serving.versions import read_model_config_file
+from tests.builders import NORTH_EMPTY, outputs_of, predict_request
 from tests.serving.conftest import V1_SCORES, V2_SCORES, save_version, write_self_signed_certificate
-from tests.serving.test_server import NORTH_EMPTY, make_request, outputs_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -86,12 +86,12 @@ def test_server_side_batching_answers_each_user_correctly(model_base_path):
             stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
 
             def ask(region):
-                request = make_request({"item_ids": [["i2"]], "region": [region], "age": [1.0]})
+                request = predict_request({"item_ids": [["i2"]], "region": [region], "age": [1.0]})
                 return outputs_of(stub.Predict(request, timeout=20))["item_ids"][0]
 
             with futures.ThreadPoolExecutor(len(regions)) as pool:
                 answers = list(pool.map(ask, regions))
-            wider = make_request({"item_ids": [["i2", ""]], "region": ["north"], "age": [1.0]})
+            wider = predict_request({"item_ids": [["i2", ""]], "region": ["north"], "age": [1.0]})
             assert outputs_of(stub.Predict(wider, timeout=20))["item_ids"][0][0] == b"i5"
     finally:
         server.stop(grace_s=1.0)
@@ -142,10 +142,10 @@ model_config_list {{
             assert [s["version"] for s in b.status()] == [2]
         with grpc.insecure_channel(target) as channel:
             stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-            labelled = make_request(NORTH_EMPTY, name="b", label="stable")
+            labelled = predict_request(NORTH_EMPTY, name="b", label="stable")
             assert stub.Predict(labelled, timeout=10).model_spec.version.value == 2
             with pytest.raises(grpc.RpcError) as raised:
-                stub.Predict(make_request(NORTH_EMPTY, name="c"), timeout=10)
+                stub.Predict(predict_request(NORTH_EMPTY, name="c"), timeout=10)
             assert raised.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         server.stop(grace_s=1.0)
@@ -175,7 +175,7 @@ def test_new_versions_under_load_are_served_without_a_failed_request(tmp_path, m
             stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
             while not stop.is_set():
                 try:
-                    response = stub.Predict(make_request(NORTH_EMPTY), timeout=30)
+                    response = stub.Predict(predict_request(NORTH_EMPTY), timeout=30)
                     versions.append(response.model_spec.version.value)
                 except grpc.RpcError as error:
                     failures.append((error.code(), error.details()))
@@ -220,7 +220,7 @@ def test_sigterm_lets_the_request_in_flight_finish(tmp_path, model_base_path):
         assert line.startswith("serving recsys_cvae on 127.0.0.1:"), line
         with grpc.insecure_channel(line.split()[-1]) as channel:
             stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-            in_flight = stub.Predict.future(make_request(NORTH_EMPTY), timeout=30)
+            in_flight = stub.Predict.future(predict_request(NORTH_EMPTY), timeout=30)
             time.sleep(1.0)
             assert not in_flight.done()  # still waiting in its batch
             signalled = time.monotonic()
@@ -236,7 +236,7 @@ def test_sigterm_lets_the_request_in_flight_finish(tmp_path, model_base_path):
                 process.wait(timeout=10)
                 pytest.fail("server answered but did not exit:\n" + stderr_path.read_text()[-6000:])
             with pytest.raises(grpc.RpcError) as raised:
-                stub.Predict(make_request(NORTH_EMPTY), timeout=5)
+                stub.Predict(predict_request(NORTH_EMPTY), timeout=5)
             assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         if process.poll() is None:
@@ -260,7 +260,7 @@ def test_a_stop_signal_before_wait_for_signal_is_kept_and_drains(model_base_path
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         with pytest.raises(grpc.RpcError) as raised:
-            stub.Predict(make_request(NORTH_EMPTY), timeout=5)
+            stub.Predict(predict_request(NORTH_EMPTY), timeout=5)
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
 
 

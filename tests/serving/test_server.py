@@ -31,9 +31,8 @@ from tensorflow_serving.apis import (
 )
 
 from serving.server import ModelServer
+from tests.builders import NORTH_EMPTY, outputs_of, predict_request
 from tests.serving.conftest import V1_SCORES, V2_SCORES, save_version
-
-NORTH_EMPTY = {"item_ids": [[""]], "region": ["north"], "age": [30.0]}
 
 
 @pytest.fixture(scope="module")
@@ -47,25 +46,6 @@ def predict_stub(channel):
     return prediction_service_pb2_grpc.PredictionServiceStub(channel)
 
 
-def make_request(inputs: dict, signature: str = "recommend", name: str = "recsys_cvae",
-                 version: int | None = None, label: str = "", output_filter=()):
-    request = predict_pb2.PredictRequest(output_filter=list(output_filter))
-    request.model_spec.name = name
-    request.model_spec.signature_name = signature
-    if version is not None:
-        request.model_spec.version.value = version
-    if label:
-        request.model_spec.version_label = label
-    for key, value in inputs.items():
-        dtype = tf.float32 if key == "age" else tf.string
-        request.inputs[key].CopyFrom(tf.make_tensor_proto(value, dtype=dtype))
-    return request
-
-
-def outputs_of(response) -> dict:
-    return {key: tf.make_ndarray(proto) for key, proto in response.outputs.items()}
-
-
 def error_code(call, request) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as raised:
         call(request, timeout=10)
@@ -73,7 +53,7 @@ def error_code(call, request) -> grpc.StatusCode:
 
 
 def test_recommend_ranks_by_score_and_masks_history(predict_stub):
-    request = make_request({
+    request = predict_request({
         "item_ids": [["", ""], ["i1", ""]], "region": ["north", ""], "age": [30.0, np.nan],
     })
     response = predict_stub.Predict(request, timeout=10)
@@ -90,17 +70,17 @@ def test_recommend_ranks_by_score_and_masks_history(predict_stub):
 
 
 def test_empty_signature_name_means_serving_default(predict_stub):
-    response = predict_stub.Predict(make_request(NORTH_EMPTY, signature=""), timeout=10)
+    response = predict_stub.Predict(predict_request(NORTH_EMPTY, signature=""), timeout=10)
     assert response.model_spec.signature_name == "serving_default"
     assert outputs_of(response)["item_ids"].tolist() == [[b"i5", b"i1", b"i2"]]
 
 
 def test_generate_and_encode(predict_stub):
     generated = outputs_of(predict_stub.Predict(
-        make_request({"region": ["south"], "age": [20.0]}, signature="generate"), timeout=10))
+        predict_request({"region": ["south"], "age": [20.0]}, signature="generate"), timeout=10))
     # south adds 10 to i4: i4 (2 + 10), i1 (5), i2 (4)
     assert generated["item_ids"].tolist() == [[b"i4", b"i1", b"i2"]]
-    encoded = outputs_of(predict_stub.Predict(make_request(
+    encoded = outputs_of(predict_stub.Predict(predict_request(
         {"item_ids": [["i1", "i9", ""], ["", "", ""]], "region": ["", ""], "age": [41.0, np.nan]},
         signature="encode"), timeout=10))
     # z_mean = [age (NaN -> 0), known history items (i9 is unknown)]
@@ -109,24 +89,25 @@ def test_generate_and_encode(predict_stub):
 
 
 def test_empty_batch_is_answered_with_empty_outputs(predict_stub):
-    request = make_request({"item_ids": np.zeros((0, 0), dtype=object),
+    request = predict_request({"item_ids": np.zeros((0, 0), dtype=object),
                             "region": np.zeros((0,), dtype=object),
                             "age": np.zeros((0,), dtype=np.float32)})
     assert outputs_of(predict_stub.Predict(request, timeout=10))["scores"].shape == (0, 3)
 
 
 def test_output_filter_returns_only_the_named_outputs(predict_stub):
-    response = predict_stub.Predict(make_request(NORTH_EMPTY, output_filter=["scores"]), timeout=10)
+    request = predict_request(NORTH_EMPTY, output_filter=["scores"])
+    response = predict_stub.Predict(request, timeout=10)
     assert list(response.outputs) == ["scores"]
-    bad = make_request(NORTH_EMPTY, output_filter=["logits"])
+    bad = predict_request(NORTH_EMPTY, output_filter=["logits"])
     assert error_code(predict_stub.Predict, bad) == grpc.StatusCode.INVALID_ARGUMENT
-    twice = make_request(NORTH_EMPTY, output_filter=["scores", "scores"])
+    twice = predict_request(NORTH_EMPTY, output_filter=["scores", "scores"])
     assert error_code(predict_stub.Predict, twice) == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_version_and_label_select_the_served_version(predict_stub):
     for spec in ({"version": 1}, {"label": "stable"}):
-        request = make_request(NORTH_EMPTY, **spec)
+        request = predict_request(NORTH_EMPTY, **spec)
         assert predict_stub.Predict(request, timeout=10).model_spec.version.value == 1
 
 
@@ -192,20 +173,20 @@ def test_model_status_and_health(channel):
      grpc.StatusCode.INVALID_ARGUMENT),
 ])
 def test_bad_requests_get_tf_serving_status_codes(predict_stub, request_kwargs, inputs, code):
-    assert error_code(predict_stub.Predict, make_request(inputs, **request_kwargs)) == code
+    assert error_code(predict_stub.Predict, predict_request(inputs, **request_kwargs)) == code
 
 
 def test_wrong_dtype_and_missing_model_spec_are_invalid(predict_stub):
-    request = make_request(NORTH_EMPTY)
+    request = predict_request(NORTH_EMPTY)
     request.inputs["age"].CopyFrom(tf.make_tensor_proto(["thirty"]))
     assert error_code(predict_stub.Predict, request) == grpc.StatusCode.INVALID_ARGUMENT
-    request = make_request(NORTH_EMPTY)
+    request = predict_request(NORTH_EMPTY)
     request.ClearField("model_spec")
     assert error_code(predict_stub.Predict, request) == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_message_over_the_size_cap_is_resource_exhausted(predict_stub):
-    huge = make_request({**NORTH_EMPTY, "region": ["x" * (17 * 1024 * 1024)]})
+    huge = predict_request({**NORTH_EMPTY, "region": ["x" * (17 * 1024 * 1024)]})
     assert error_code(predict_stub.Predict, huge) == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
@@ -284,7 +265,7 @@ def test_fuzzed_requests_never_crash_the_server(predict_stub):
         except grpc.RpcError as error:
             assert error.code() in allowed, (error.code(), error.details())
     assert 0 < answered_ok < 1000  # the fuzz reached the model and produced bad requests
-    response = predict_stub.Predict(make_request(NORTH_EMPTY), timeout=10)
+    response = predict_stub.Predict(predict_request(NORTH_EMPTY), timeout=10)
     assert outputs_of(response)["item_ids"].tolist() == [[b"i5", b"i1", b"i2"]]
 
 
@@ -292,7 +273,7 @@ def write_warmup(version_dir: str, inputs: dict) -> None:
     """assets.extra/tf_serving_warmup_requests with one PredictLog, as the export writes."""
     os.makedirs(os.path.join(version_dir, "assets.extra"), exist_ok=True)
     log = prediction_log_pb2.PredictionLog()
-    log.predict_log.request.CopyFrom(make_request(inputs))
+    log.predict_log.request.CopyFrom(predict_request(inputs))
     path = os.path.join(version_dir, "assets.extra", "tf_serving_warmup_requests")
     with tf.io.TFRecordWriter(path) as writer:
         writer.write(log.SerializeToString())
@@ -328,7 +309,8 @@ def test_new_versions_are_picked_up_and_broken_ones_reported(tmp_path, model_bas
             models = model_service_pb2_grpc.ModelServiceStub(channel)
 
             def served_version():
-                return stub.Predict(make_request(NORTH_EMPTY), timeout=10).model_spec.version.value
+                response = stub.Predict(predict_request(NORTH_EMPTY), timeout=10)
+                return response.model_spec.version.value
 
             assert served_version() == 1
             staging = str(tmp_path / "staging")
@@ -337,10 +319,10 @@ def test_new_versions_are_picked_up_and_broken_ones_reported(tmp_path, model_bas
             write_warmup(save_version(staging, 2, V2_SCORES), NORTH_EMPTY)
             os.rename(os.path.join(staging, "2"), os.path.join(base, "2"))
             wait_for(lambda: served_version() == 2)
-            out = outputs_of(stub.Predict(make_request(NORTH_EMPTY), timeout=10))
+            out = outputs_of(stub.Predict(predict_request(NORTH_EMPTY), timeout=10))
             assert out["item_ids"].tolist() == [[b"i5", b"i4", b"i3"]]
             assert version_states(models) == {2: AVAILABLE, 1: END}
-            assert error_code(stub.Predict, make_request(NORTH_EMPTY, version=1)) == (
+            assert error_code(stub.Predict, predict_request(NORTH_EMPTY, version=1)) == (
                 grpc.StatusCode.NOT_FOUND)
 
             # version 3's warmup request lacks an input: the load fails, 2 keeps serving
@@ -363,7 +345,8 @@ def test_server_without_versions_waits_and_reports_not_serving(tmp_path):
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-            assert error_code(stub.Predict, make_request(NORTH_EMPTY)) == grpc.StatusCode.NOT_FOUND
+            code = error_code(stub.Predict, predict_request(NORTH_EMPTY))
+            assert code == grpc.StatusCode.NOT_FOUND
             health_stub = health_pb2_grpc.HealthStub(channel)
             answer = health_stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -398,7 +381,8 @@ def test_process_serves_then_exits_cleanly_on_sigterm(model_base_path):
         assert line.startswith("serving recsys_cvae on 127.0.0.1:"), line
         with grpc.insecure_channel(line.split()[-1]) as channel:
             stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-            assert stub.Predict(make_request(NORTH_EMPTY), timeout=10).model_spec.version.value == 1
+            response = stub.Predict(predict_request(NORTH_EMPTY), timeout=10)
+            assert response.model_spec.version.value == 1
         process.terminate()
         assert process.wait(timeout=30) == 0
     finally:

@@ -1,0 +1,328 @@
+"""The SavedModel export: the signatures TF Serving, Beam RunInference and the CLI call.
+
+Why a `tf.Module` and not `model.save`: the contract (ARCHITECTURE.md, "SavedModel
+signatures") is about what a *caller* sends and gets back (raw string ids and attribute
+values in, top-K item ids and scores out), not about the Keras model's own call. The
+`ServingModule` wraps the trained CVAE, holds the item vocabulary (index order) and puts the
+history masking and the top-K inside the graph, so a server returns ids, never a
+`[batch, num_items]` score matrix.
+
+Signatures (K = min(`ExportConfig.top_k`, num_items), fixed at export):
+
+    recommend (= serving_default)
+        item_ids     tf.string  [batch, n]   the history; "" pads, unknown ids are ignored
+        <attribute>  tf.string  [batch]      categorical ("" or unseen value = unknown)
+        <attribute>  tf.float32 [batch]      numeric (NaN = unknown)
+      -> item_ids    tf.string  [batch, K]   best first, never an item of the history
+         scores      tf.float32 [batch, K]
+    generate     the attribute inputs only (cold start, what-if) -> item_ids, scores
+    encode       the recommend inputs -> z_mean, z_log_var  tf.float32 [batch, latent_dim]
+
+Scores are log π_i, the log-softmax of the decoder logits over the whole catalogue (the
+Mult-VAE multinomial), so they are comparable across users and between `recommend` and
+`generate`. History items are set to -inf before `tf.math.top_k`; if a history covers so
+much of the catalogue that fewer than K items are left, the tail is padded with item id ""
+and score -inf. Catalogues larger than `ExportConfig.top_k_chunk_size` are scored chunk
+by chunk with a running top-K when a call's batch × num_items logits pass 16 MB
+(`recsys_cvae.model.catalogue_top_k`): the same answers, with the logits' memory bounded
+by batch × chunk instead of batch × num_items.
+
+Only core TensorFlow ops are used (no py_function), so stock `tensorflow_model_server` runs
+the export. `export_model` writes into a temporary folder inside the export base and renames
+it to the next integer version, so a server polling the base path never sees half a model.
+`export.verification.verify_export` reloads the export in a fresh Python process that does
+not import this package (`serving/verify_export.py`) and compares every signature with the
+in-process model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import posixpath
+import re
+import uuid
+from typing import Any
+
+import tensorflow as tf
+
+from recsys_cvae import spec as S
+from recsys_cvae.config import ExportConfig
+from recsys_cvae.model.catalogue_top_k import ONE_PIECE_MAX_LOGITS, catalogue_top_k, uses_chunks
+from recsys_cvae.model.model_dir import METRICS_FILE, load_trained_model
+
+logger = logging.getLogger(__name__)
+
+RECOMMEND = "recommend"
+GENERATE = "generate"
+ENCODE = "encode"
+SERVING_DEFAULT = "serving_default"
+SIGNATURES = (SERVING_DEFAULT, RECOMMEND, GENERATE, ENCODE)
+
+HISTORY_INPUT = "item_ids"  # the history input of recommend/encode
+ITEM_IDS = "item_ids"
+SCORES = "scores"
+Z_MEAN = "z_mean"
+Z_LOG_VAR = "z_log_var"
+
+ASSETS_EXTRA = "assets.extra"
+EXPORT_INFO_FILE = "export_info.json"
+WARMUP_FILE = "tf_serving_warmup_requests"
+TEMP_PREFIX = ".tmp-export-"  # not an integer, so TF Serving ignores a half-written export
+DEFAULT_CHUNK_SIZE = ExportConfig().top_k_chunk_size
+
+# Serving signature keys must be valid graph node names.
+_INPUT_NAME = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.\-/]*$")
+
+
+class ExportError(RuntimeError):
+    """The export cannot be written, or the written export does not match the model."""
+
+
+class ServingModule(tf.Module):
+    """The trained CVAE behind the three serving signatures.
+
+    Args:
+      model: a trained `recsys_cvae.model.CVAE` (or anything with the same methods:
+        `encode`, `recommend_logits`, `generate_logits`, `history_mask`, and attributes
+        `item_ids` and `spec`).
+      top_k: how many items `recommend` and `generate` return; capped at the catalogue size.
+      chunk_size: catalogues larger than this are ranked this many items at a time
+        (`recsys_cvae.model.catalogue_top_k`); 0 ranks the whole catalogue at once.
+      one_piece_max_logits: a call with at most this many logits (batch × num_items) is
+        ranked in one piece even so (tests set 0 to chunk every call).
+
+    Example:
+      module = ServingModule(model, top_k=100)
+      tf.saved_model.save(module, path, signatures=module.signatures())
+    """
+
+    def __init__(
+        self,
+        model: tf.keras.Model,
+        top_k: int,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        one_piece_max_logits: int = ONE_PIECE_MAX_LOGITS,
+    ) -> None:
+        super().__init__(name="recsys_cvae_serving")
+        if top_k < 1:
+            raise ExportError(f"export.top_k must be at least 1, got {top_k}")
+        if chunk_size < 0:
+            raise ExportError(f"export.top_k_chunk_size must be 0 (off) or more, got {chunk_size}")
+        item_ids = list(model.item_ids)
+        if not item_ids:
+            raise ExportError("the model has an empty item vocabulary; nothing to export")
+        self.model = model
+        self.attributes = tuple(model.spec.attributes)
+        _check_input_names(self.attributes)
+        self.top_k = min(int(top_k), len(item_ids))
+        self.chunk_size = int(chunk_size) if uses_chunks(model, int(chunk_size)) else 0
+        self.one_piece_max_logits = int(one_piece_max_logits)
+        # [num_items] tf.string; row i of the decoder output is item_vocabulary[i].
+        self.item_vocabulary = tf.Variable(
+            item_ids, dtype=tf.string, trainable=False, name="item_vocabulary"
+        )
+        self.recommend = tf.function(self._recommend)
+        self.generate = tf.function(self._generate)
+        self.encode = tf.function(self._encode)
+
+    # ---- input specs -------------------------------------------------------------------
+
+    def attribute_specs(self) -> dict[str, tf.TensorSpec]:
+        """One `[batch]` input per attribute, in spec order, named as the attribute."""
+        return {
+            a.name: tf.TensorSpec([None], tf.string if a.is_categorical else tf.float32, a.name)
+            for a in self.attributes
+        }
+
+    def recommend_specs(self) -> dict[str, tf.TensorSpec]:
+        history = {HISTORY_INPUT: tf.TensorSpec([None, None], tf.string, HISTORY_INPUT)}
+        return {**history, **self.attribute_specs()}
+
+    def signatures(self) -> dict[str, Any]:
+        """Concrete functions keyed by signature name, for `tf.saved_model.save`."""
+        recommend = self.recommend.get_concrete_function(self.recommend_specs())
+        return {
+            SERVING_DEFAULT: recommend,
+            RECOMMEND: recommend,
+            GENERATE: self.generate.get_concrete_function(self.attribute_specs()),
+            ENCODE: self.encode.get_concrete_function(self.recommend_specs()),
+        }
+
+    # ---- signature bodies --------------------------------------------------------------
+
+    def _model_features(self, inputs: dict[str, tf.Tensor], history: bool) -> dict:
+        """Serving inputs -> the model's raw feature dict (`history_item_ids` + attributes)."""
+        features = {a.name: inputs[a.name] for a in self.attributes}
+        if history:
+            features[S.HISTORY] = inputs[HISTORY_INPUT]
+        return features
+
+    def _recommend(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        features = self._model_features(inputs, history=True)
+        return self._top_k(features, from_history=True)
+
+    def _generate(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        features = self._model_features(inputs, history=False)
+        return self._top_k(features, from_history=False)
+
+    def _encode(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        z_mean, z_log_var = self.model.encode(self._model_features(inputs, history=True))
+        return {Z_MEAN: z_mean, Z_LOG_VAR: z_log_var}
+
+    def _top_k(self, features: dict[str, tf.Tensor], from_history: bool) -> dict[str, tf.Tensor]:
+        """Top-K items by log-softmax score, history items removed when `from_history`.
+
+        Returns item_ids tf.string [batch, K] and scores tf.float32 [batch, K], best first;
+        positions left over after exclusion hold "" and -inf.
+        """
+        scores, indices = catalogue_top_k(
+            self.model, features, self.top_k, self.chunk_size, from_history,
+            self.one_piece_max_logits,
+        )
+        item_ids = tf.gather(self.item_vocabulary, indices)
+        item_ids = tf.where(tf.math.is_inf(scores), tf.constant(""), item_ids)
+        return {ITEM_IDS: item_ids, SCORES: scores}
+
+
+def _check_input_names(attributes: tuple[S.AttributeSpec, ...]) -> None:
+    for attribute in attributes:
+        if attribute.name == HISTORY_INPUT:
+            raise ExportError(
+                f"attribute {attribute.name!r} clashes with the history input of the "
+                "serving signatures; rename the users-table column"
+            )
+        if not _INPUT_NAME.match(attribute.name):
+            raise ExportError(
+                f"attribute {attribute.name!r} cannot be a serving input name (letters, digits, "
+                "'_', '.', '-', '/' only); rename the users-table column"
+            )
+
+
+# ---- writing an export ------------------------------------------------------------------
+
+
+def export_model(model_dir: str, export_base: str, config: ExportConfig) -> str:
+    """Exports the trained model in `model_dir` as `export_base/<next version>`.
+
+    Returns the version directory. Verification is a separate step: the caller runs
+    `verify_export` when `config.verify` is set (as `recsys-cvae export` does).
+    """
+    metrics = posixpath.join(model_dir, METRICS_FILE)
+    return write_export(load_trained_model(model_dir), export_base, config.top_k,
+                        training_metrics=metrics if tf.io.gfile.exists(metrics) else None,
+                        chunk_size=config.top_k_chunk_size)
+
+
+def write_export(
+    model: tf.keras.Model,
+    export_base: str,
+    top_k: int,
+    training_metrics: str | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> str:
+    """Saves `ServingModule(model, top_k, chunk_size)` atomically as the next version under
+    `export_base`.
+
+    The SavedModel (plus `assets.extra/`: the feature spec, the vocabularies, warmup requests,
+    `export_info.json` and a copy of `training_metrics` if given) is written to
+    `export_base/.tmp-export-<uuid>` and renamed to `export_base/<max existing integer
+    version + 1>` (1 for an empty base).
+    """
+    module = ServingModule(model, top_k, chunk_size)
+    tf.io.gfile.makedirs(export_base)
+    temp_dir = posixpath.join(export_base, f"{TEMP_PREFIX}{uuid.uuid4().hex}")
+    try:
+        # Serving never differentiates: leave out the custom gradients of the training-only
+        # maths (`layers.binary_history_product`'s is a sort by item, which would put a
+        # TopKV2 into `encode`'s function library for nothing).
+        options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
+        tf.saved_model.save(module, temp_dir, signatures=module.signatures(), options=options)
+        _write_assets_extra(module, posixpath.join(temp_dir, ASSETS_EXTRA))
+        if training_metrics is not None:
+            tf.io.gfile.copy(training_metrics, posixpath.join(
+                temp_dir, ASSETS_EXTRA, posixpath.basename(training_metrics)))
+        export_dir = _rename_to_next_version(temp_dir, export_base)
+    except Exception:
+        if tf.io.gfile.exists(temp_dir):
+            tf.io.gfile.rmtree(temp_dir)
+        raise
+    logger.info("exported SavedModel to %s (top_k=%d)", export_dir, module.top_k)
+    return export_dir
+
+
+def next_version(export_base: str) -> int:
+    """1 + the largest integer-named entry of `export_base` (1 if there is none)."""
+    if not tf.io.gfile.isdir(export_base):
+        return 1
+    versions = [int(n.rstrip("/")) for n in tf.io.gfile.listdir(export_base)
+                if n.rstrip("/").isdigit()]
+    return max(versions, default=0) + 1
+
+
+def _rename_to_next_version(temp_dir: str, export_base: str, attempts: int = 5) -> str:
+    """Renames into place; retries with a higher number if another export took the version."""
+    for _ in range(attempts):
+        export_dir = posixpath.join(export_base, str(next_version(export_base)))
+        try:
+            tf.io.gfile.rename(temp_dir, export_dir, overwrite=False)
+            return export_dir
+        except (tf.errors.AlreadyExistsError, tf.errors.FailedPreconditionError):
+            continue
+    raise ExportError(f"{export_base}: could not claim a free version after {attempts} tries")
+
+
+def _write_assets_extra(module: ServingModule, directory: str) -> None:
+    """What a reader of the export needs without the features directory or this package."""
+    spec: S.FeatureSpec = module.model.spec
+    tf.io.gfile.makedirs(posixpath.join(directory, "vocab"))
+    S.write_text(posixpath.join(directory, S.SPEC_FILE), json.dumps(spec.to_json(), indent=2))
+    S.write_vocabulary(posixpath.join(directory, "vocab", "items.txt"), module.model.item_ids)
+    for attribute in module.attributes:
+        if attribute.is_categorical:
+            source = spec.path(attribute.vocabulary_file)
+            if tf.io.gfile.exists(source):
+                target = posixpath.join(directory, attribute.vocabulary_file)
+                tf.io.gfile.makedirs(posixpath.dirname(target))
+                tf.io.gfile.copy(source, target, overwrite=True)
+    info = {
+        "top_k": module.top_k,
+        "top_k_chunk_size": module.chunk_size,
+        "num_items": len(module.model.item_ids),
+        "signatures": list(SIGNATURES),
+        "scores": "log-softmax of the decoder logits over the whole catalogue",
+    }
+    S.write_text(posixpath.join(directory, EXPORT_INFO_FILE), json.dumps(info, indent=2) + "\n")
+    _write_warmup_requests(module, posixpath.join(directory, WARMUP_FILE))
+
+
+def _write_warmup_requests(module: ServingModule, path: str) -> None:
+    """One PredictRequest per signature (one user: no history, unknown attributes).
+
+    TF Serving replays `assets.extra/tf_serving_warmup_requests` at load time, so the first
+    real request does not pay for graph initialisation.
+    """
+    try:
+        from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+    except ImportError:
+        logger.warning("tensorflow-serving-api is not installed; no warmup requests written")
+        return
+    attributes = {
+        a.name: tf.make_tensor_proto([""] if a.is_categorical else [math.nan],
+                                     tf.string if a.is_categorical else tf.float32)
+        for a in module.attributes
+    }
+    history = {HISTORY_INPUT: tf.make_tensor_proto([[""]], tf.string)}
+    with tf.io.TFRecordWriter(path) as writer:
+        for signature in (RECOMMEND, GENERATE, ENCODE):
+            request = predict_pb2.PredictRequest(
+                model_spec=model_pb2.ModelSpec(signature_name=signature)
+            )
+            inputs = attributes if signature == GENERATE else {**history, **attributes}
+            for name, proto in inputs.items():
+                request.inputs[name].CopyFrom(proto)
+            log = prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request)
+            )
+            writer.write(log.SerializeToString())

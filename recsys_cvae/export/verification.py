@@ -1,0 +1,201 @@
+"""Checks an export against the in-process model, from a fresh Python process.
+
+Why a fresh process: TF Serving loads the SavedModel with its own session loader and none of
+our Python code, so a check in the exporting process (which still holds the Keras objects)
+can pass where the server fails. `verify_export` computes, with numpy from the trained model,
+what every signature must answer, and `serving/verify_export.py` (which never imports
+recsys_cvae) loads the export with the TF2 loader and TF1's session loader and compares.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import posixpath
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from recsys_cvae import spec as S
+from recsys_cvae.export.saved_model import (
+    ASSETS_EXTRA,
+    ENCODE,
+    EXPORT_INFO_FILE,
+    GENERATE,
+    HISTORY_INPUT,
+    ITEM_IDS,
+    RECOMMEND,
+    SCORES,
+    SERVING_DEFAULT,
+    Z_LOG_VAR,
+    Z_MEAN,
+    ExportError,
+)
+from recsys_cvae.model.model_dir import load_trained_model
+
+logger = logging.getLogger(__name__)
+
+VERIFY_TIMEOUT_S = 600
+
+
+def verify_export(export_dir: str, model_dir: str, num_users: int = 16) -> dict:
+    """Checks the export against the in-process model, from a fresh Python process.
+
+    Takes up to `num_users` validation/test users (plus two edge cases: unknown and padded
+    history ids with unknown attribute values, and an empty history), computes what every
+    signature must return with the model loaded from `model_dir` (numpy top-K, independent of
+    the serving graph), writes inputs and expectations to a JSON file and runs
+    `python -m serving.verify_export`, which loads the export with `tf.saved_model.load`
+    without importing recsys_cvae. Returns that run's summary (signatures, rows, largest
+    score difference, seconds); raises `ExportError` with the subprocess's reason on mismatch.
+    """
+    model = load_trained_model(model_dir)
+    info = read_export_info(export_dir)
+    cases = build_cases(model, _verification_users(model.spec, num_users), info["top_k"])
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="verify-export-") as tmp:
+        cases_path = os.path.join(tmp, "cases.json")
+        with open(cases_path, "w") as f:
+            json.dump(cases, f)
+        summary = run_verifier(export_dir, cases_path)
+    summary["seconds"] = round(time.time() - started, 2)
+    logger.info("verified %s in a fresh process: %s", export_dir, summary)
+    return summary
+
+
+def read_export_info(export_dir: str) -> dict:
+    path = posixpath.join(export_dir, ASSETS_EXTRA, EXPORT_INFO_FILE)
+    try:
+        return json.loads(S.read_text(path))
+    except FileNotFoundError:
+        raise ExportError(
+            f"{path}: missing; {export_dir} was not written by export_model"
+        ) from None
+    except json.JSONDecodeError as error:
+        raise ExportError(f"{path}: not valid JSON ({error})") from None
+
+
+def run_verifier(export_dir: str, cases_path: str) -> dict:
+    """Runs `serving.verify_export` in a fresh interpreter; its last stdout line is JSON."""
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(S.__file__)))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    # The child runs in the repository root (so `serving` imports without recsys_cvae), not
+    # in the caller's folder: a relative path must be made absolute here, in the caller's cwd.
+    command = [sys.executable, "-m", "serving.verify_export",
+               "--export-dir", S.absolute_local_path(export_dir),
+               "--cases", S.absolute_local_path(cases_path)]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, env=env,
+                                cwd=repo_root, timeout=VERIFY_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise ExportError(
+            f"verification of {export_dir} timed out after {VERIFY_TIMEOUT_S} s"
+        ) from None
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+        reason = lines[-1] if lines else f"exit status {result.returncode}"
+        raise ExportError(f"verification of {export_dir} failed: {reason}")
+    try:
+        return json.loads(result.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise ExportError(f"verification of {export_dir}: no summary on stdout") from None
+
+
+def _verification_users(spec: S.FeatureSpec, num_users: int) -> list[dict]:
+    """Up to `num_users` decoded user records, validation first, then test (then others)."""
+    order = [s for s in (S.VALIDATION, S.TEST, S.COLD, S.TRAIN) if s in spec.splits]
+    users: list[dict] = []
+    for split in order:
+        if not tf.io.gfile.glob(spec.split_pattern(split)):
+            continue
+        users.extend(itertools.islice(S.read_user_records(spec, split), num_users - len(users)))
+        if len(users) >= num_users:
+            break
+    return users
+
+
+def build_cases(model: tf.keras.Model, users: list[dict], top_k: int) -> dict:
+    """Inputs and expected outputs of every signature for `users` (decoded records).
+
+    Two edge cases are appended: a history of one known id, an unknown id and "" padding
+    with every attribute unknown; and an all-padding history. Expected rankings are
+    computed here with numpy from the model's logits and a Python history set, not with
+    the serving graph, so the check covers masking, top-K and the id lookup.
+    """
+    item_ids = list(model.item_ids)
+    attributes = list(model.spec.attributes)
+    unknown = {a.name: "" if a.is_categorical else math.nan for a in attributes}
+    first_user = users[0] if users else unknown
+    rows = [*users,
+            {S.HISTORY: [item_ids[0], "no-such-item-id", ""], **unknown},
+            {**first_user, S.HISTORY: []}]
+    width = max(1, max(len(r[S.HISTORY]) for r in rows))
+    history = [list(r[S.HISTORY]) + [""] * (width - len(r[S.HISTORY])) for r in rows]
+    attribute_values = {
+        a.name: [str(r[a.name]) if a.is_categorical else float(r[a.name]) for r in rows]
+        for a in attributes
+    }
+    features = {a.name: tf.constant(attribute_values[a.name],
+                                    tf.string if a.is_categorical else tf.float32)
+                for a in attributes}
+    history_features = {**features, S.HISTORY: tf.constant(history, tf.string)}
+
+    index = {item: i for i, item in enumerate(item_ids)}
+    seen = np.zeros((len(rows), len(item_ids)), dtype=bool)
+    for r, ids in enumerate(history):
+        seen[r, [index[i] for i in ids if i in index]] = True
+    recommend = _expected_top_k(
+        model.recommend_logits(history_features).numpy(), seen, item_ids, top_k
+    )
+    # Without attributes, generate has no inputs and answers one row: [1, num_items].
+    generate_logits = model.generate_logits(features).numpy()
+    generate = _expected_top_k(
+        generate_logits, np.zeros(generate_logits.shape, bool), item_ids, top_k
+    )
+    z_mean, z_log_var = model.encode(history_features)
+
+    recommend_inputs = {HISTORY_INPUT: history, **attribute_values}
+    recommend_case = {"inputs": recommend_inputs, **recommend}
+    return {
+        "top_k": top_k,
+        "rtol": 1e-4,
+        "atol": 1e-4,
+        "signatures": {
+            SERVING_DEFAULT: recommend_case,
+            RECOMMEND: recommend_case,
+            GENERATE: {"inputs": attribute_values, **generate},
+            ENCODE: {"inputs": recommend_inputs,
+                     "expected": {Z_MEAN: z_mean.numpy().tolist(),
+                                  Z_LOG_VAR: z_log_var.numpy().tolist()}},
+        },
+    }
+
+
+def _expected_top_k(logits: np.ndarray, seen: np.ndarray, item_ids: list[str],
+                    top_k: int, margin: int = 16) -> dict:
+    """The contract's ranking in numpy: log-softmax, history to -inf, stable sort, top K.
+
+    Also returns `reference_scores`: each row's top K + `margin` items with their scores, so
+    the verifier can accept two items swapped by a float tie and nothing else.
+    """
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    scores = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    scores = np.where(seen, -np.inf, scores).astype(np.float32)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    expected_ids, expected_scores, reference = [], [], []
+    for row, ranked in zip(scores, order):
+        best = ranked[:top_k]
+        expected_ids.append(["" if np.isinf(row[i]) else item_ids[i] for i in best])
+        expected_scores.append([float(row[i]) for i in best])
+        reference.append({item_ids[i]: float(row[i]) for i in ranked[:top_k + margin]
+                          if not np.isinf(row[i])})
+    return {"expected": {ITEM_IDS: expected_ids, SCORES: expected_scores},
+            "reference_scores": reference}

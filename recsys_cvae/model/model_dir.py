@@ -1,0 +1,48 @@
+"""The model folder `train` writes and how a trained CVAE comes back from it.
+
+    <model_dir>/config.json              the resolved config, with `features_dir` recorded
+    <model_dir>/best/weights.*           the best epoch's weights (validation's choice)
+    <model_dir>/training_metrics.json    every epoch's validation metrics and the best one
+
+Why a module of its own: training writes this layout, export, the verification and the
+benchmarks read it; none of them should import the training loop to learn a file name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import tensorflow as tf
+
+from recsys_cvae.config import ModelConfig
+from recsys_cvae.model.cvae import CVAE, build_model
+from recsys_cvae.spec import FeatureSpec
+
+CONFIG_FILE = "config.json"
+BEST_WEIGHTS = "best/weights"
+METRICS_FILE = "training_metrics.json"
+
+
+def load_trained_model(model_dir: str) -> CVAE:
+    """Rebuilds the model from `model_dir/config.json` and restores the best weights.
+
+    `config.json` is the resolved config `train` wrote, with `features_dir` recorded: the
+    feature spec and vocabularies there rebuild the lookup layers exactly.
+    """
+    path = os.path.join(model_dir, CONFIG_FILE)
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"{path}: no config.json; train a model into {model_dir} first")
+    with tf.io.gfile.GFile(path) as f:
+        data = json.load(f)
+    try:
+        model_config = ModelConfig(**data["model"])
+        features_dir = data["features_dir"]
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a config written by `recsys-cvae train` ({error})") from None
+    weights = os.path.join(model_dir, BEST_WEIGHTS)
+    if not tf.io.gfile.exists(weights + ".index"):
+        raise FileNotFoundError(f"{weights}: no best weights; training did not finish an epoch")
+    model = build_model(FeatureSpec.load(features_dir), model_config)
+    model.load_weights(weights).expect_partial()
+    return model

@@ -1,0 +1,121 @@
+"""tf.data input: one split's GZIP TFRecords → batches of raw, padded string features.
+
+Why raw strings: the model owns every lookup and normalisation (layers built from the
+feature spec), so the pipeline only parses and pads. The same dict of tensors is what the
+serving signatures receive, which is what keeps training and serving from drifting apart.
+No dense `[batch, num_items]` tensor is built here; the model scatters the multi-hot itself.
+
+Each element is a dict:
+
+    user_id             tf.string  [batch]
+    history_item_ids    tf.string  [batch, n]   padded with ""
+    target_item_ids     tf.string  [batch, m]   padded with ""
+    <categorical attr>  tf.string  [batch]      "" = unknown
+    <numeric attr>      tf.float32 [batch]      NaN = unknown
+    history_weights     tf.float32 [batch, n]   only if the spec's examples carry them; 0 pad
+
+Example:
+
+    spec = FeatureSpec.load("W/features")
+    for batch in make_dataset(spec, "validation", batch_size=256).take(1):
+        batch["history_item_ids"].shape  # (256, longest history in the batch)
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from recsys_cvae.model.preprocessing import HISTORY_WEIGHTS
+from recsys_cvae.spec import HISTORY, TARGETS, FeatureSpec, SpecError
+
+SHUFFLE_BUFFER_USERS = 10_000
+
+
+def split_files(spec: FeatureSpec, split: str) -> list[str]:
+    """The split's TFRecord files in a stable order; raises if the glob matches nothing."""
+    pattern = spec.split_pattern(split)
+    files = sorted(tf.io.gfile.glob(pattern))
+    if not files:
+        raise SpecError(
+            f"{pattern}: no TFRecord files for split {split!r}; "
+            "run `recsys-cvae features` for this workdir first"
+        )
+    return files
+
+
+def make_dataset(
+    spec: FeatureSpec,
+    split: str,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    input_context: tf.distribute.InputContext | None = None,
+) -> tf.data.Dataset:
+    """Batches of one split's users, as raw padded tensors (see the module docstring).
+
+    Args:
+      spec: the loaded feature spec (its directory resolves the split's files).
+      split: `train`, `validation`, `test` or `cold`.
+      batch_size: the GLOBAL batch size. With an `input_context` each pipeline yields
+        per-replica batches of `input_context.get_per_replica_batch_size(batch_size)`.
+      shuffle: shuffle files and users (reshuffled every epoch, reproducibly from `seed`).
+      seed: shuffle seed.
+      input_context: from `strategy.distribute_datasets_from_function`; shards the input
+        across pipelines (by file when there are enough files, else by record).
+
+    Returns:
+      A finite `tf.data.Dataset`; the last batch may be smaller.
+    """
+    files = split_files(spec, split)
+    per_replica_batch = batch_size
+    num_pipelines, pipeline_id = 1, 0
+    if input_context is not None:
+        per_replica_batch = input_context.get_per_replica_batch_size(batch_size)
+        num_pipelines = input_context.num_input_pipelines
+        pipeline_id = input_context.input_pipeline_id
+    if per_replica_batch < 1:
+        raise ValueError(f"batch_size must be at least 1 per replica, got {batch_size}")
+
+    dataset = tf.data.Dataset.from_tensor_slices(files)
+    shard_files = num_pipelines > 1 and len(files) >= num_pipelines
+    if shard_files:
+        dataset = dataset.shard(num_pipelines, pipeline_id)
+    if shuffle:
+        dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.interleave(
+        lambda path: tf.data.TFRecordDataset(path, compression_type="GZIP"),
+        cycle_length=min(len(files), 4),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    if num_pipelines > 1 and not shard_files:
+        dataset = dataset.shard(num_pipelines, pipeline_id)
+    if shuffle:
+        users = spec.splits[split].users or SHUFFLE_BUFFER_USERS
+        dataset = dataset.shuffle(
+            min(users, SHUFFLE_BUFFER_USERS), seed=seed, reshuffle_each_iteration=True
+        )
+    parse_spec = spec.parse_spec()
+    dataset = dataset.batch(per_replica_batch)
+    dataset = dataset.map(
+        lambda serialized: parse_batch(serialized, parse_spec),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def parse_batch(serialized: tf.Tensor, parse_spec: dict) -> dict[str, tf.Tensor]:
+    """Parses `[batch]` serialised examples; ragged id lists become `[batch, n]` padded with "".
+
+    A batch whose users all have empty lists gets shape `[batch, 0]`; the model accepts it.
+    """
+    features = tf.io.parse_example(serialized, parse_spec)
+    for name in (HISTORY, TARGETS):
+        features[name] = features[name].to_tensor(default_value="")
+    if HISTORY_WEIGHTS in features:
+        weights = features[HISTORY_WEIGHTS]
+        if isinstance(weights, tf.RaggedTensor):
+            weights = weights.to_tensor(default_value=0.0, shape=tf.shape(features[HISTORY]))
+        features[HISTORY_WEIGHTS] = weights
+    return features

@@ -1,0 +1,220 @@
+"""Builders the tests share: small feature folders and configs, written from explicit users.
+
+Why one module: tests that import each other's helpers couple unrelated files (moving one
+breaks the other) and run the other file's module-level code; every shared builder lives here,
+every shared fixture in `tests/conftest.py`.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import os
+
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2
+
+from recsys_cvae import candidates_format as C
+from recsys_cvae import spec as S
+from recsys_cvae.config import Config
+from recsys_cvae.datasets import layouts as L
+from recsys_cvae.metrics import ranking_metrics
+from recsys_cvae.spec import TRAIN, FeatureSpec
+from recsys_cvae.training.dataset import make_dataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY_ITEMS = ["a", "b", "c"]
+TINY_REGIONS = ["north", "south"]
+
+# Three training users: ids, history, targets, region, age (None = unknown).
+TINY_USERS = [
+    ("u1", ["a", "b"], [], "north", 30.0),
+    ("u2", ["c"], ["a"], "south", None),
+    ("u3", [], ["b", "c"], None, 50.0),
+]
+
+
+def write_tiny_features(directory: str, users=TINY_USERS, files: int = 1) -> S.FeatureSpec:
+    """A features directory with 3 items, a `region` and an `age` attribute, one split."""
+    S.write_vocabulary(os.path.join(directory, "vocab", "items.txt"), TINY_ITEMS)
+    S.write_vocabulary(os.path.join(directory, "vocab", "attr_region.txt"), TINY_REGIONS)
+    attributes = (
+        S.AttributeSpec("region", S.CATEGORICAL, "vocab/attr_region.txt", len(TINY_REGIONS)),
+        S.AttributeSpec("age", S.NUMERIC, mean=40.0, std=10.0),
+    )
+    os.makedirs(os.path.join(directory, S.TRAIN), exist_ok=True)
+    for f in range(files):
+        path = os.path.join(directory, S.TRAIN, f"part-{f:05d}-of-{files:05d}.tfrecord.gz")
+        with tf.io.TFRecordWriter(path, options="GZIP") as writer:
+            for user_id, history, targets, region, age in users[f::files]:
+                values = {"region": region, "age": age}
+                writer.write(S.encode_user_example(attributes, user_id, history, targets, values))
+    spec = S.FeatureSpec(
+        attributes=attributes,
+        item_vocabulary_file="vocab/items.txt",
+        num_items=len(TINY_ITEMS),
+        splits={S.TRAIN: S.SplitSpec("train/part-*.tfrecord.gz", len(users))},
+    )
+    spec.save(directory)
+    return S.FeatureSpec.load(directory)
+
+
+def write_toy_features(
+    directory: str,
+    items: list[str],
+    categorical: dict[str, list[str]],
+    users: dict[str, list[tuple[str, list[str], list[str], dict]]],
+) -> S.FeatureSpec:
+    """A features directory from explicit users: split -> [(user_id, history, targets, attrs)].
+
+    `categorical` maps each (categorical) attribute to its vocabulary; no numeric attributes.
+    """
+    attributes = tuple(
+        S.AttributeSpec(name, S.CATEGORICAL, f"vocab/attr_{name}.txt", len(values))
+        for name, values in categorical.items()
+    )
+    S.write_vocabulary(os.path.join(directory, "vocab", "items.txt"), items)
+    for name, values in categorical.items():
+        S.write_vocabulary(os.path.join(directory, "vocab", f"attr_{name}.txt"), values)
+    splits = {}
+    for split in S.SPLITS:
+        rows = users.get(split, [])
+        os.makedirs(os.path.join(directory, split), exist_ok=True)
+        path = os.path.join(directory, split, "part-00000-of-00001.tfrecord.gz")
+        with tf.io.TFRecordWriter(path, options="GZIP") as writer:
+            for user_id, history, targets, attrs in rows:
+                writer.write(S.encode_user_example(attributes, user_id, history, targets, attrs))
+        splits[split] = S.SplitSpec(f"{split}/part-*.tfrecord.gz", len(rows))
+    S.FeatureSpec(attributes, "vocab/items.txt", len(items), splits).save(directory)
+    return S.FeatureSpec.load(directory)
+
+
+def small_config(epochs: int, **train_fields) -> Config:
+    config = Config()
+    config.train.epochs = epochs
+    config.train.beta_anneal_steps = 20
+    config.train.verbose = 0
+    config.model.linear_blend_lambdas = []  # best weights = the best epoch's (blend: own test)
+    # Five epochs train the warm path; the cold-start term (own tests in test_model.py and
+    # the end-to-end run) would share them and blur what these tests check.
+    config.model.prior_reconstruction_weight = 0.0
+    for name, value in train_fields.items():
+        setattr(config.train, name, value)
+    return config
+
+
+def sampled_config(epochs: int, **train_fields) -> Config:
+    """10 negatives; batches of 8 users, whose histories cover ~90 of the 120 items, so the
+    draws matter (a batch covering the catalogue makes the loss the full one)."""
+    config = small_config(epochs, batch_size=8, **train_fields)
+    config.model.sampled_softmax_negatives = 10
+    config.model.linear_branch_max_items = 0
+    return config
+
+
+def popularity_ndcg_at_10(spec: FeatureSpec, split: str) -> float:
+    """NDCG@10 of recommending the most-consumed training items the user has not seen."""
+    counts = collections.Counter()
+    for batch in make_dataset(spec, TRAIN, batch_size=64):
+        for row in batch["history_item_ids"].numpy():
+            counts.update(item.decode() for item in row if item)
+    ranking = [item for item, _ in counts.most_common()]
+    ranked, truth = [], []
+    for batch in make_dataset(spec, split, batch_size=64):
+        rows = zip(batch["history_item_ids"].numpy(), batch["target_item_ids"].numpy())
+        for history, targets in rows:
+            seen = {item.decode() for item in history if item}
+            relevant = {item.decode() for item in targets if item}
+            if relevant:
+                ranked.append([item for item in ranking if item not in seen][:10])
+                truth.append(relevant)
+    return float(np.mean(ranking_metrics(ranked, truth, [10])["ndcg@10"]))
+
+
+TOY_ITEMS = ["a", "b", "c", "d", "e"]
+
+
+def write_toy_candidates(
+    directory: str, model: str, split: str, rows: dict[str, list[str]]
+) -> None:
+    """One model's candidates for one split; scores fall with the rank."""
+    scores = [[float(len(ids) - r) for r in range(len(ids))] for ids in rows.values()]
+    table = C.to_table(list(rows), list(rows.values()), scores, f"{model}/1")
+    C.write_split(directory, model, split, table)
+
+
+def write_toy_dirs(tmp_path) -> tuple[str, str, str]:
+    """(features, candidates, report) folders: 5 items, two models' candidates (test, cold)."""
+    features = str(tmp_path / "features")
+    write_toy_features(
+        features,
+        TOY_ITEMS,
+        {"region": ["north", "south"]},
+        {
+            "train": [("t1", ["a", "b"], [], {"region": "north"})],
+            "test": [
+                ("u1", ["d"], ["a", "c"], {"region": "north"}),
+                ("u2", ["a"], ["b"], {"region": "south"}),
+                ("u3", ["a", "b"], [], {"region": "north"}),  # no targets: skipped
+                ("u4", ["a"], ["e"], {"region": ""}),
+            ],
+            "cold": [("c1", [], ["d"], {"region": "south"})],
+        },
+    )
+    candidates = str(tmp_path / "candidates")
+    write_toy_candidates(
+        candidates, "m1", "test", {"u1": ["a", "b", "c"], "u2": ["c", "d"], "u3": ["a"]}
+    )
+    write_toy_candidates(candidates, "m1", "cold", {"c1": ["d"]})
+    write_toy_candidates(candidates, "m2", "test", {"u1": ["c"], "u2": ["b", "a"], "u4": ["e"]})
+    return features, candidates, str(tmp_path / "report")
+
+
+
+
+# ---- raw input files (datasets) -------------------------------------------------------------
+
+
+def write_raw(path, text: str, encoding: str = "utf-8") -> None:
+    path.write_bytes(text.encode(encoding))
+
+
+def parsed_rows(layout: L.Layout, role: str) -> list:
+    return [(line, layout.parse(role, raw)) for line, raw in L.iter_raw_rows(layout, role)]
+
+
+# ---- feature files (beam_jobs) --------------------------------------------------------------
+
+
+def read_feature_split(spec: S.FeatureSpec, split: str) -> list[dict]:
+    records = []
+    for path in sorted(glob.glob(spec.split_pattern(split))):
+        for serialized in tf.data.TFRecordDataset(path, compression_type="GZIP"):
+            records.append(S.decode_user_example(serialized.numpy(), spec.attributes))
+    return records
+
+
+# ---- TF Serving requests (serving) -----------------------------------------------------------
+
+NORTH_EMPTY = {"item_ids": [[""]], "region": ["north"], "age": [30.0]}
+
+
+def predict_request(inputs: dict, signature: str = "recommend", name: str = "recsys_cvae",
+                 version: int | None = None, label: str = "", output_filter=()):
+    request = predict_pb2.PredictRequest(output_filter=list(output_filter))
+    request.model_spec.name = name
+    request.model_spec.signature_name = signature
+    if version is not None:
+        request.model_spec.version.value = version
+    if label:
+        request.model_spec.version_label = label
+    for key, value in inputs.items():
+        dtype = tf.float32 if key == "age" else tf.string
+        request.inputs[key].CopyFrom(tf.make_tensor_proto(value, dtype=dtype))
+    return request
+
+
+def outputs_of(response) -> dict:
+    return {key: tf.make_ndarray(proto) for key, proto in response.outputs.items()}
