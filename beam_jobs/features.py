@@ -120,6 +120,29 @@ class BuildFeatures(beam.PTransform):
         )  # fmt: skip
 
     def expand(self, pbegin):
+        interactions, users, prepared = self._read(pbegin)
+        buckets = prepared.buckets
+        summary = (
+            buckets
+            | "Summarise" >> beam.Map(lambda b, names: F.bucket_summary(b[1], names),
+                                      self.layout.attributes)  # fmt: skip
+            | "MergeSummaries" >> beam.CombineGlobally(F.MergeSummariesFn())
+        )
+        state, stats, cut = self._write_examples(buckets, summary)
+        counts, reasons = self._write_dead_letters(interactions, users, prepared)
+        return (
+            pbegin
+            | "Once" >> beam.Create([None])
+            | "WriteSummary"
+            >> beam.ParDo(
+                _WriteSummaryFn(self.output_dir, self.layout, self.context),
+                AsSingleton(counts), AsSingleton(reasons), AsSingleton(state),
+                AsSingleton(summary), AsSingleton(stats), AsSingleton(cut),
+            )  # fmt: skip
+        )
+
+    def _read(self, pbegin):
+        """(interactions, users, prepared): both logs read by bucket, joined per bucket."""
         layout, config, buckets_n = self.layout, self.config, self.config.num_buckets
         size = {"chunk_bytes": self.chunk_bytes} if self.chunk_bytes else {}
         interactions = pbegin | "ReadInteractions" >> ReadLog(
@@ -140,13 +163,12 @@ class BuildFeatures(beam.PTransform):
                 PrepareBucketFn(config.min_rating, layout.paths.get(L.USERS, ""))
             ).with_outputs(DEAD, COUNTS, main="buckets")
         )
-        buckets = prepared.buckets
-        summary = (
-            buckets
-            | "Summarise" >> beam.Map(lambda b, names: F.bucket_summary(b[1], names),
-                                      layout.attributes)  # fmt: skip
-            | "MergeSummaries" >> beam.CombineGlobally(F.MergeSummariesFn())
-        )
+        return interactions, users, prepared
+
+    def _write_examples(self, buckets, summary):
+        """Filters items, encodes every user's Example and writes the splits; returns the
+        filter state, per-bucket stats and the temporal cut, for the summary."""
+        layout, config = self.layout, self.config
         cut = summary | "TemporalCut" >> beam.Map(
             lambda s, q, on: F.weighted_quantile(s["samples"], q) if on else None,
             config.temporal_cut_quantile,
@@ -169,7 +191,11 @@ class BuildFeatures(beam.PTransform):
         } | "WriteSplits" >> WriteSplits(
             self.output_dir, P.splits_of(self.protocols), config
         )  # fmt: skip
+        return state, stats, cut
 
+    def _write_dead_letters(self, interactions, users, prepared):
+        """Writes every bad row with its reason; returns (row counts, first example of each
+        reason), for the summary."""
         dead = (interactions[DEAD], users[DEAD], prepared[DEAD]) | "AllDead" >> beam.Flatten()
         _ = (
             dead
@@ -190,16 +216,7 @@ class BuildFeatures(beam.PTransform):
             | "CountReasons" >> beam.CombinePerKey(F.FirstExampleFn())
             | "CollectReasons" >> beam.combiners.ToList()
         )
-        return (
-            pbegin
-            | "Once" >> beam.Create([None])
-            | "WriteSummary"
-            >> beam.ParDo(
-                _WriteSummaryFn(self.output_dir, layout, self.context),
-                AsSingleton(counts), AsSingleton(reasons), AsSingleton(state),
-                AsSingleton(summary), AsSingleton(stats), AsSingleton(cut),
-            )  # fmt: skip
-        )
+        return counts, reasons
 
 
 def build_features(
@@ -231,6 +248,26 @@ def build_features(
     """
     _check_config(config)
     layout = L.detect_layout(data_dir, config.categorical, config.numeric, config.drop_attributes)
+    _check_layout_supports(config, layout)
+    protocols = choose_protocols(config, layout)
+    _clear_outputs(output_dir)
+    options = pipeline_options(pipeline_args, save_main_session)
+    with test_pipeline or beam.Pipeline(options=options) as pipeline:
+        _ = pipeline | "BuildFeatures" >> BuildFeatures(
+            layout, output_dir, config, protocols, chunk_bytes
+        )
+
+    summary = json.loads(S.read_text(posixpath.join(output_dir, SUMMARY_FILE)))
+    _check_summary(summary, layout, config, output_dir)
+    spec = feature_spec(summary, layout, config, protocols)
+    spec.save(output_dir)
+    if not quiet:
+        print(format_summary(spec, output_dir))
+    return S.FeatureSpec.load(output_dir)
+
+
+def _check_layout_supports(config: FeaturesConfig, layout: L.Layout) -> None:
+    """Settings that need a column the data lacks fail before the job starts."""
     if config.min_rating is not None and not layout.has_rating:
         raise L.InputError(
             f"{layout.paths[L.INTERACTIONS]}: features.min_rating is set but there is no rating "
@@ -241,15 +278,13 @@ def build_features(
             f"{layout.paths[L.INTERACTIONS]}: features.recency_half_life_days needs a timestamp "
             "column; unset it or add timestamps"
         )
-    protocols = choose_protocols(config, layout)
-    _clear_outputs(output_dir)
-    options = pipeline_options(pipeline_args, save_main_session)
-    with test_pipeline or beam.Pipeline(options=options) as pipeline:
-        _ = pipeline | "BuildFeatures" >> BuildFeatures(
-            layout, output_dir, config, protocols, chunk_bytes
-        )
 
-    summary = json.loads(S.read_text(posixpath.join(output_dir, SUMMARY_FILE)))
+
+def _check_summary(
+    summary: dict, layout: L.Layout, config: FeaturesConfig, output_dir: str
+) -> None:
+    """After the job: too many bad rows or no usable interaction fail; a filter that did not
+    converge warns."""
     check_bad_rows(summary["files"], config.max_bad_fraction, output_dir)
     if summary["items"] == 0:
         raise L.InputError(
@@ -261,13 +296,8 @@ def build_features(
         warnings.warn(
             f"features: the min-interactions filter did not reach its fixed point in "
             f"{config.max_filter_rounds} rounds; raise features.max_filter_rounds",
-            stacklevel=2,
+            stacklevel=3,  # the caller of build_features
         )
-    spec = feature_spec(summary, layout, config, protocols)
-    spec.save(output_dir)
-    if not quiet:
-        print(format_summary(spec, output_dir))
-    return S.FeatureSpec.load(output_dir)
 
 
 def choose_protocols(config: FeaturesConfig, layout: L.Layout) -> list[str]:

@@ -83,6 +83,8 @@ def _generate_tables(
     cold_user_fraction: float,
     seed: int,
 ) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """(users, items, interactions). One generator draws everything in a fixed order, so a
+    seed gives the same data; the steps below must keep that order."""
     if num_users < 1 or num_items < 2 or num_genres < 1:
         raise ValueError(
             f"synthetic data needs at least 1 user, 2 items and 1 genre; got "
@@ -91,41 +93,11 @@ def _generate_tables(
     rng = np.random.default_rng(seed)
     user_ids = pa.array([f"u{i:06d}" for i in range(num_users)])
     item_ids = pa.array([f"i{i:06d}" for i in range(num_items)])
-
-    region = rng.integers(len(REGIONS), size=num_users)
-    device = rng.integers(len(DEVICES), size=num_users)
-    plan = rng.integers(len(PLANS), size=num_users)
-    age = rng.integers(16, 75, size=num_users)
-    age_group = np.searchsorted(AGE_GROUP_EDGES, age, side="right")
-
-    # Attribute effects on genre taste: strong enough that attributes explain most of it.
-    region_effect = rng.normal(0.0, 1.5, size=(len(REGIONS), num_genres))
-    device_effect = rng.normal(0.0, 1.0, size=(len(DEVICES), num_genres))
-    plan_effect = rng.normal(0.0, 1.0, size=(len(PLANS), num_genres))
-    age_effect = rng.normal(0.0, 1.5, size=(len(AGE_GROUP_EDGES) + 1, num_genres))
-    logits = (
-        region_effect[region]
-        + device_effect[device]
-        + plan_effect[plan]
-        + age_effect[age_group]
-        + rng.normal(0.0, 0.5, size=(num_users, num_genres))
-    )
-    taste = np.exp(logits - logits.max(axis=1, keepdims=True))
-    taste /= taste.sum(axis=1, keepdims=True)
-
-    # Items sorted by genre: genre g owns positions genre_start[g] : genre_start[g + 1] of
-    # `genre_items`, and `within_cdf` there is the running Zipf popularity inside the genre.
-    item_genre = rng.integers(num_genres, size=num_items)
-    genre_items = np.argsort(item_genre, kind="stable")
-    genre_sizes = np.bincount(item_genre, minlength=num_genres)
-    genre_start = np.concatenate([[0], np.cumsum(genre_sizes)])
-    within_cdf = np.empty(num_items)
-    for g in range(num_genres):
-        weights = 1.0 / np.arange(1, genre_sizes[g] + 1) ** 0.8
-        rng.shuffle(weights)
-        within_cdf[genre_start[g] : genre_start[g + 1]] = np.cumsum(weights / weights.sum())
+    attributes = _draw_attributes(rng, num_users)
+    taste = _draw_tastes(rng, attributes, num_genres)
+    item_genre, genre_items, genre_start, within_cdf = _draw_catalogue(rng, num_items, num_genres)
     # A user never draws a genre without items.
-    taste[:, genre_sizes == 0] = 0.0
+    taste[:, np.diff(genre_start) == 0] = 0.0
     taste /= taste.sum(axis=1, keepdims=True)
 
     counts = np.maximum(5, rng.lognormal(np.log(mean_interactions), 0.5, size=num_users))
@@ -143,6 +115,7 @@ def _generate_tables(
             column.append(values)
     user, item, rating, timestamp = (np.concatenate(c) for c in columns)
 
+    region, device, plan, age, _ = attributes
     users = pa.table(
         {
             "user_id": user_ids,
@@ -164,6 +137,56 @@ def _generate_tables(
         }
     )
     return users, items, interactions
+
+
+def _draw_attributes(rng: np.random.Generator, num_users: int) -> tuple[np.ndarray, ...]:
+    """(region, device, plan, age, age group) per user, as indices (age in years)."""
+    region = rng.integers(len(REGIONS), size=num_users)
+    device = rng.integers(len(DEVICES), size=num_users)
+    plan = rng.integers(len(PLANS), size=num_users)
+    age = rng.integers(16, 75, size=num_users)
+    return region, device, plan, age, np.searchsorted(AGE_GROUP_EDGES, age, side="right")
+
+
+def _draw_tastes(
+    rng: np.random.Generator, attributes: tuple[np.ndarray, ...], num_genres: int
+) -> np.ndarray:
+    """[num_users, num_genres] genre shares: the planted structure, mostly attribute effects."""
+    region, device, plan, _, age_group = attributes
+    # Attribute effects on genre taste: strong enough that attributes explain most of it.
+    region_effect = rng.normal(0.0, 1.5, size=(len(REGIONS), num_genres))
+    device_effect = rng.normal(0.0, 1.0, size=(len(DEVICES), num_genres))
+    plan_effect = rng.normal(0.0, 1.0, size=(len(PLANS), num_genres))
+    age_effect = rng.normal(0.0, 1.5, size=(len(AGE_GROUP_EDGES) + 1, num_genres))
+    logits = (
+        region_effect[region]
+        + device_effect[device]
+        + plan_effect[plan]
+        + age_effect[age_group]
+        + rng.normal(0.0, 0.5, size=(len(region), num_genres))
+    )
+    taste = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return taste / taste.sum(axis=1, keepdims=True)
+
+
+def _draw_catalogue(
+    rng: np.random.Generator, num_items: int, num_genres: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(item genre, items sorted by genre, genre start offsets, within-genre popularity CDF).
+
+    Items sorted by genre: genre g owns positions genre_start[g] : genre_start[g + 1] of
+    `genre_items`, and `within_cdf` there is the running Zipf popularity inside the genre.
+    """
+    item_genre = rng.integers(num_genres, size=num_items)
+    genre_items = np.argsort(item_genre, kind="stable")
+    genre_sizes = np.bincount(item_genre, minlength=num_genres)
+    genre_start = np.concatenate([[0], np.cumsum(genre_sizes)])
+    within_cdf = np.empty(num_items)
+    for g in range(num_genres):
+        weights = 1.0 / np.arange(1, genre_sizes[g] + 1) ** 0.8
+        rng.shuffle(weights)
+        within_cdf[genre_start[g] : genre_start[g + 1]] = np.cumsum(weights / weights.sum())
+    return item_genre, genre_items, genre_start, within_cdf
 
 
 def _sample_chunk(
