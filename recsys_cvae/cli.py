@@ -287,12 +287,13 @@ def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
     if args.command == "features":
         stages.run_features(beam_jobs(), args.data_dir, work, config, beam_args)
     elif args.command == "train":
-        for protocol, result in stages.run_train(work, config).items():
+        for label, result in stages.run_train(work, config).items():
             values = ", ".join(f"{k}={v}" for k, v in result.items())
-            print(f"best validation ({protocol} protocol): {values}")
+            what = "served refit, all data" if label == "serving" else f"{label} protocol"
+            print(f"best validation ({what}): {values}")
     elif args.command == "export":
-        for protocol, export_dir in stages.run_export(work, config).items():
-            print(f"{protocol}: {export_dir}")
+        for label, export_dir in stages.run_export(work, config).items():
+            print(f"{label}: {export_dir}")
     elif args.command == "candidates":
         print(stages.run_candidates(
             beam_jobs(), work, config, beam_args, export_dir=args.export_dir or ""

@@ -166,12 +166,17 @@ class TrainConfig:
       verbose: Keras progress output (0 silent, 1 bar, 2 one line per epoch).
       mixed_precision: compute in float16 (`mixed_float16`, for GPUs) with float32 logits
         and loss; variables stay float32.
-      protocol: the main protocol, whose CVAE is `W/model` and `W/export` (served, and
-        answering cold start); "" the spec's primary. Set alone, it is the only one trained.
+      protocol: the main protocol, whose CVAE answers cold start in the evaluation and whose
+        selected settings the served model reuses; "" the spec's primary. Set alone, it is
+        the only protocol trained.
       protocols: protocols that get their own CVAE, each fitted on its train split and scored
-        on its test split (`recsys_cvae.pipeline.cvae_runs`; others under `W/protocols/<name>/`);
+        on its test split (`recsys_cvae.pipeline.cvae_runs`, under `W/protocols/<name>/`);
         empty: every protocol with a train split (or only `protocol` when that is set).
         Must include the main protocol; `["strong"]` trains the primary one only (large data).
+      serving_refit: the served model (`W/model`, `W/export`) is refitted on all the data —
+        every user, every interaction — with the main protocol model's selected epochs, β and
+        blend (`recsys_cvae.training.refit`); the protocol models stay what the evaluation
+        scores. false: the main protocol model itself is served (in `W/model`, `W/export`).
     """
 
     epochs: int = 100
@@ -187,6 +192,7 @@ class TrainConfig:
     mixed_precision: bool = False
     protocol: str = ""
     protocols: list[str] = dataclasses.field(default_factory=list)
+    serving_refit: bool = True
 
 
 @dataclasses.dataclass

@@ -77,6 +77,19 @@ def fit_splits(spec: S.FeatureSpec, protocol: str = "") -> tuple[str, str | None
     return training, validation if split is not None and split.users > 0 else None
 
 
+def refit_splits(spec: S.FeatureSpec) -> tuple[str, ...]:
+    """The splits that together hold every user the feature job kept, each user once and with
+    every interaction (history + targets): the strong protocol's train, validation and test
+    splits and the cold users. What the serving refit learns from (`training.refit`); () when
+    the features have no strong protocol (its splits are the only disjoint cover)."""
+    strong = spec.protocols.get(S.STRONG)
+    if not strong:
+        return ()
+    roles = [strong.get(role) for role in ("train", "validation", "test")]
+    cold = [roles_.get("test") for p, roles_ in spec.protocols.items() if p == S.COLD_START]
+    return tuple(s for s in [*roles, *cold] if s and s in spec.splits and spec.splits[s].users)
+
+
 def main_protocol(spec: S.FeatureSpec, settings: TrainConfig) -> str:
     """`train.protocol`, or the spec's primary protocol; it must have a train split."""
     main = settings.protocol or spec.protocol

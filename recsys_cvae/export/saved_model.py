@@ -50,7 +50,7 @@ import tensorflow as tf
 from recsys_cvae import spec as S
 from recsys_cvae.config import ExportConfig
 from recsys_cvae.model.catalogue_top_k import ONE_PIECE_MAX_LOGITS, catalogue_top_k, uses_chunks
-from recsys_cvae.model.model_dir import METRICS_FILE, load_trained_model
+from recsys_cvae.model.model_dir import METRICS_FILE, load_trained_model, read_trained_on
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +212,8 @@ def export_model(model_dir: str, export_base: str, config: ExportConfig) -> str:
     metrics = posixpath.join(model_dir, METRICS_FILE)
     return write_export(load_trained_model(model_dir), export_base, config.top_k,
                         training_metrics=metrics if tf.io.gfile.exists(metrics) else None,
-                        chunk_size=config.top_k_chunk_size)
+                        chunk_size=config.top_k_chunk_size,
+                        trained_on=read_trained_on(model_dir))
 
 
 def write_export(
@@ -221,12 +222,14 @@ def write_export(
     top_k: int,
     training_metrics: str | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    trained_on: dict | None = None,
 ) -> str:
     """Saves `ServingModule(model, top_k, chunk_size)` atomically as the next version under
     `export_base`.
 
     The SavedModel (plus `assets.extra/`: the feature spec, the vocabularies, warmup requests,
-    `export_info.json` and a copy of `training_metrics` if given) is written to
+    `export_info.json` with `trained_on`, what fitted the model, and a copy of
+    `training_metrics` if given) is written to
     `export_base/.tmp-export-<uuid>` and renamed to `export_base/<max existing integer
     version + 1>` (1 for an empty base).
     """
@@ -239,7 +242,7 @@ def write_export(
         # TopKV2 into `encode`'s function library for nothing).
         options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
         tf.saved_model.save(module, temp_dir, signatures=module.signatures(), options=options)
-        _write_assets_extra(module, posixpath.join(temp_dir, ASSETS_EXTRA))
+        _write_assets_extra(module, posixpath.join(temp_dir, ASSETS_EXTRA), trained_on or {})
         if training_metrics is not None:
             tf.io.gfile.copy(training_metrics, posixpath.join(
                 temp_dir, ASSETS_EXTRA, posixpath.basename(training_metrics)))
@@ -273,7 +276,7 @@ def _rename_to_next_version(temp_dir: str, export_base: str, attempts: int = 5) 
     raise ExportError(f"{export_base}: could not claim a free version after {attempts} tries")
 
 
-def _write_assets_extra(module: ServingModule, directory: str) -> None:
+def _write_assets_extra(module: ServingModule, directory: str, trained_on: dict) -> None:
     """What a reader of the export needs without the features directory or this package."""
     spec: S.FeatureSpec = module.model.spec
     tf.io.gfile.makedirs(posixpath.join(directory, "vocab"))
@@ -292,6 +295,7 @@ def _write_assets_extra(module: ServingModule, directory: str) -> None:
         "num_items": len(module.model.item_ids),
         "signatures": list(SIGNATURES),
         "scores": "log-softmax of the decoder logits over the whole catalogue",
+        "trained_on": trained_on,
     }
     S.write_text(posixpath.join(directory, EXPORT_INFO_FILE), json.dumps(info, indent=2) + "\n")
     _write_warmup_requests(module, posixpath.join(directory, WARMUP_FILE))

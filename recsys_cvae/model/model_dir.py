@@ -1,6 +1,7 @@
 """The model folder `train` writes and how a trained CVAE comes back from it.
 
-    <model_dir>/config.json              the resolved config, with `features_dir` recorded
+    <model_dir>/config.json              the resolved config, with `features_dir` and
+                                         `trained_on` (which splits and users fitted it)
     <model_dir>/best/weights.*           the best epoch's weights (validation's choice)
     <model_dir>/training_metrics.json    every epoch's validation metrics and the best one
 
@@ -22,6 +23,17 @@ from recsys_cvae.spec import FeatureSpec
 CONFIG_FILE = "config.json"
 BEST_WEIGHTS = "best/weights"
 METRICS_FILE = "training_metrics.json"
+TRAINED_ON = "trained_on"  # config.json's record of the splits and users that fitted it
+
+
+def read_trained_on(model_dir: str) -> dict:
+    """config.json's `trained_on` (splits, users, whether targets were input, refit_of), or
+    {} for a folder written before it was recorded."""
+    path = os.path.join(model_dir, CONFIG_FILE)
+    if not tf.io.gfile.exists(path):
+        return {}
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f).get(TRAINED_ON, {})
 
 
 def load_trained_model(model_dir: str) -> CVAE:

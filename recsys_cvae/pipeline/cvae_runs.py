@@ -4,10 +4,16 @@ Which protocols get a CVAE and which splits each answers is `recsys_cvae.protoco
 decision (`cvae_plan`); this module puts each planned model in its folders and runs the
 stages over all of them:
 
-    W/model/, W/export/<v>/                          the main protocol's CVAE (`serve`, cold start)
-    W/protocols/<protocol>/model/, .../export/<v>/   every other chosen protocol's CVAE
+    W/protocols/<protocol>/model/, .../export/<v>/   every chosen protocol's CVAE (the main
+                                                     one also answers cold start)
+    W/model/, W/export/<v>/                          the served CVAE: the main protocol's
+                                                     settings refitted on all the data
+                                                     (`training.refit`; `train.serving_refit`)
     W/candidates/cvae/<split>-*.parquet              each protocol's test split from its own model
     W/candidates/cvae/sources.json                   split -> protocol, model_dir, export_dir
+
+With `train.serving_refit = false` the main protocol's CVAE itself is served, in W/model and
+W/export, as the only one outside W/protocols/.
 
 `train.protocols` limits which protocols get a CVAE (empty: every protocol with a train
 split; `["strong"]` trains the primary one only, for data where one training run is all
@@ -30,6 +36,7 @@ from recsys_cvae.export.saved_model import export_model
 from recsys_cvae.export.verification import verify_export
 from recsys_cvae.export_layout import newest_export
 from recsys_cvae.training.fit import train
+from recsys_cvae.training.refit import refit
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +48,23 @@ PROTOCOLS_DIR = "protocols"
 CandidatesJob = Callable[..., dict[str, int]]
 
 
+SERVING = "serving"  # the label of the served refit in results and exports
+
+
 @dataclasses.dataclass(frozen=True)
 class ProtocolModel:
     """One planned CVAE and its folders.
 
     Attributes:
-      protocol: the protocol whose train (and validation) split it is fitted on.
+      protocol: the protocol whose train (and validation) split it is fitted on; for the
+        served refit, the protocol whose selected settings it reuses.
       model_dir: checkpoints and config.json (`train` writes the protocol into it).
       export_base: TF Serving base path its `export/<version>` goes under.
-      splits: the splits it writes candidates for, its own test split first.
-      main: the served model (W/model, W/export), which also answers cold start.
+      splits: the splits it writes candidates for, its own test split first (none for the
+        refit: it has seen every split's targets).
+      main: the main protocol's model, which also answers cold start in the evaluation.
+      served: its export is the one users get (W/model, W/export).
+      refit: refitted on all the data after selection (`training.refit`).
     """
 
     protocol: str
@@ -58,6 +72,12 @@ class ProtocolModel:
     export_base: str
     splits: tuple[str, ...]
     main: bool
+    served: bool = False
+    refit: bool = False
+
+    @property
+    def label(self) -> str:
+        return SERVING if self.refit else self.protocol
 
 
 def plan_models(
@@ -67,25 +87,39 @@ def plan_models(
     main_model_dir: str = "",
     main_export_base: str = "",
     suffix: str = "",
+    serving_refit: bool | None = None,
 ) -> list[ProtocolModel]:
-    """The CVAEs of `protocols.cvae_plan`, main protocol first, each with its folders.
+    """The CVAEs of `protocols.cvae_plan`, main protocol first, each with its folders, then
+    the served refit when there is one.
 
     Args:
-      root: the workdir; the other protocols' models go under `root/protocols/<protocol>/`.
-      main_model_dir, main_export_base: the main model's folders (default
+      root: the workdir; the protocol models go under `root/protocols/<protocol>/`, except
+        the main one when it is served itself (no refit).
+      main_model_dir, main_export_base: the served model's folders (default
         `root/model<suffix>`, `root/export<suffix>`).
       suffix: folder-name suffix for a variant of the model (Mult-VAE: `_multvae`).
+      serving_refit: default `train.serving_refit`; off when the features have no split set
+        covering every user (`protocols.refit_splits`).
     """
+    refit = config.train.serving_refit if serving_refit is None else serving_refit
+    refit = refit and bool(P.refit_splits(spec))
+    served_model = main_model_dir or posixpath.join(root, f"model{suffix}")
+    served_export = main_export_base or posixpath.join(root, f"export{suffix}")
     models = []
     for fit in P.cvae_plan(spec, config):
-        if fit.main:
-            model_dir = main_model_dir or posixpath.join(root, f"model{suffix}")
-            export_base = main_export_base or posixpath.join(root, f"export{suffix}")
+        if fit.main and not refit:
+            model_dir, export_base = served_model, served_export
         else:
             folder = posixpath.join(root, PROTOCOLS_DIR, fit.protocol)
             model_dir = posixpath.join(folder, f"model{suffix}")
             export_base = posixpath.join(folder, f"export{suffix}")
-        models.append(ProtocolModel(fit.protocol, model_dir, export_base, fit.splits, fit.main))
+        served = fit.main and not refit
+        models.append(
+            ProtocolModel(fit.protocol, model_dir, export_base, fit.splits, fit.main, served)
+        )
+    if refit:
+        main = models[0].protocol
+        models.append(ProtocolModel(main, served_model, served_export, (), False, True, True))
     return models
 
 
@@ -97,11 +131,17 @@ def protocol_config(config: Config, protocol: str) -> Config:
 def train_models(
     features_dir: str, models: list[ProtocolModel], config: Config
 ) -> dict[str, dict[str, Any]]:
-    """Trains every planned CVAE in turn; returns protocol -> best validation metrics."""
-    results = {}
+    """Trains every planned CVAE in turn, the served refit last (it reuses its protocol model's
+    selection); returns label (protocol, or `serving`) -> `train`'s summary."""
+    results: dict[str, dict[str, Any]] = {}
     for model in models:
+        if model.refit:
+            results[model.label] = refit(
+                features_dir, model.model_dir, config, model.protocol, results[model.protocol]
+            )
+            continue
         log.info("training the %s protocol's CVAE into %s", model.protocol, model.model_dir)
-        results[model.protocol] = train(
+        results[model.label] = train(
             features_dir, model.model_dir, protocol_config(config, model.protocol)
         )
     return results
@@ -109,13 +149,13 @@ def train_models(
 
 def export_models(models: list[ProtocolModel], config: ExportConfig) -> dict[str, str]:
     """Exports every planned CVAE (and verifies it when `config.verify`); returns
-    protocol -> export version directory."""
+    label (protocol, or `serving`) -> export version directory."""
     exports = {}
     for model in models:
         export_dir = export_model(model.model_dir, model.export_base, config)
         if config.verify:
             verify_export(export_dir, model.model_dir)
-        exports[model.protocol] = export_dir
+        exports[model.label] = export_dir
     return exports
 
 
@@ -157,7 +197,7 @@ def write_candidates(
                 "protocol": model.protocol, "model_dir": model.model_dir,
                 "export_dir": version_dir,
             }
-    planned = {p.protocol for p in models}
+    planned = {p.protocol for p in models if not p.refit}
     for protocol, roles in spec.protocols.items():
         split = roles.get("test")
         if "train" in roles and protocol not in planned and split and split not in sources:

@@ -45,7 +45,10 @@ def build_multvae(
     config = copy.deepcopy(config)
     config.model.use_condition = False
     config.model.conditional_prior = False
-    models = plan_models(S.FeatureSpec.load(features_dir), config, root, suffix=f"_{NAME}")
+    # A baseline for the evaluation only: no served refit.
+    models = plan_models(
+        S.FeatureSpec.load(features_dir), config, root, suffix=f"_{NAME}", serving_refit=False
+    )
     best = train_models(features_dir, models, config)
     exports = export_models(models, dataclasses.replace(config.export, verify=False))
     write_candidates(

@@ -23,6 +23,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import tensorflow as tf
 
 from recsys_cvae.model.preprocessing import HISTORY_WEIGHTS
@@ -45,28 +47,33 @@ def split_files(spec: FeatureSpec, split: str) -> list[str]:
 
 def make_dataset(
     spec: FeatureSpec,
-    split: str,
+    split: str | Sequence[str],
     batch_size: int,
     shuffle: bool = False,
     seed: int = 0,
     input_context: tf.distribute.InputContext | None = None,
+    fold_targets: bool = False,
 ) -> tf.data.Dataset:
     """Batches of one split's users, as raw padded tensors (see the module docstring).
 
     Args:
       spec: the loaded feature spec (its directory resolves the split's files).
-      split: `train`, `validation`, `test` or `cold`.
+      split: `train`, `validation`, `test` or `cold`, or several splits read as one.
       batch_size: the GLOBAL batch size. With an `input_context` each pipeline yields
         per-replica batches of `input_context.get_per_replica_batch_size(batch_size)`.
       shuffle: shuffle files and users (reshuffled every epoch, reproducibly from `seed`).
       seed: shuffle seed.
       input_context: from `strategy.distribute_datasets_from_function`; shards the input
         across pipelines (by file when there are enough files, else by record).
+      fold_targets: each user's held-out targets join their history (and targets are left
+        empty): every interaction becomes input, for the serving refit on all the data
+        (`training.refit`). History weights, when the spec has them, are 1 for the targets.
 
     Returns:
       A finite `tf.data.Dataset`; the last batch may be smaller.
     """
-    files = split_files(spec, split)
+    splits = [split] if isinstance(split, str) else list(split)
+    files = [path for name in splits for path in split_files(spec, name)]
     per_replica_batch = batch_size
     num_pipelines, pipeline_id = 1, 0
     if input_context is not None:
@@ -91,26 +98,37 @@ def make_dataset(
     if num_pipelines > 1 and not shard_files:
         dataset = dataset.shard(num_pipelines, pipeline_id)
     if shuffle:
-        users = spec.splits[split].users or SHUFFLE_BUFFER_USERS
+        users = sum(spec.splits[name].users for name in splits) or SHUFFLE_BUFFER_USERS
         dataset = dataset.shuffle(
             min(users, SHUFFLE_BUFFER_USERS), seed=seed, reshuffle_each_iteration=True
         )
     parse_spec = spec.parse_spec()
     dataset = dataset.batch(per_replica_batch)
     dataset = dataset.map(
-        lambda serialized: parse_batch(serialized, parse_spec),
+        lambda serialized: parse_batch(serialized, parse_spec, fold_targets),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-def parse_batch(serialized: tf.Tensor, parse_spec: dict) -> dict[str, tf.Tensor]:
+def parse_batch(
+    serialized: tf.Tensor, parse_spec: dict, fold_targets: bool = False
+) -> dict[str, tf.Tensor]:
     """Parses `[batch]` serialised examples; ragged id lists become `[batch, n]` padded with "".
 
     A batch whose users all have empty lists gets shape `[batch, 0]`; the model accepts it.
+    With `fold_targets`, the targets are appended to the history (see `make_dataset`).
     """
     features = tf.io.parse_example(serialized, parse_spec)
+    if fold_targets:
+        targets = features[TARGETS]
+        features[HISTORY] = tf.concat([features[HISTORY], targets], axis=1)
+        if HISTORY_WEIGHTS in features:
+            weights = features[HISTORY_WEIGHTS]  # ragged, as the history (spec.parse_spec)
+            ones = targets.with_values(tf.ones_like(targets.values, dtype=tf.float32))
+            features[HISTORY_WEIGHTS] = tf.concat([weights, ones], axis=1)
+        features[TARGETS] = targets[:, :0]
     for name in (HISTORY, TARGETS):
         features[name] = features[name].to_tensor(default_value="")
     if HISTORY_WEIGHTS in features:

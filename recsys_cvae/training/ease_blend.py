@@ -39,13 +39,17 @@ log = logging.getLogger(__name__)
 MAX_VALIDATION_USERS = 20_000
 
 
-def gram_matrix(model: Any, spec: FeatureSpec, split: str, batch_size: int) -> np.ndarray:
-    """XᵀX `[num_items, num_items]` float64 of the model's input x over `split`'s users.
+def gram_matrix(
+    model: Any, spec: FeatureSpec, split: str | Sequence[str], batch_size: int,
+    fold_targets: bool = False,
+) -> np.ndarray:
+    """XᵀX `[num_items, num_items]` float64 of the model's input x over `split`'s users (or
+    several splits', with their targets as input: `make_dataset(fold_targets=...)`).
 
     Accumulated batch by batch: X itself (users × items) is never held.
     """
     gram = np.zeros((spec.num_items, spec.num_items))
-    for batch in make_dataset(spec, split, batch_size):
+    for batch in make_dataset(spec, split, batch_size, fold_targets=fold_targets):
         x = model.history_input(batch)
         gram += tf.matmul(x, x, transpose_a=True).numpy()
     return gram
@@ -123,10 +127,20 @@ def blend_closed_form(
                 best.update(alpha=float(alpha), l2=float(l2), **{key: value})
                 best_matrix = closed_form
     if best_matrix is not None:
-        trained = branch.weights_matrix.numpy()
-        branch.weights_matrix.assign((trained + best["alpha"] * best_matrix).astype(np.float32))
+        _add_to_branch(branch, best["alpha"] * best_matrix)
     log.info(
         "item-item branch: + %.3g × EASE(λ=%s); validation %s %.4f → %.4f",
         best["alpha"], best["l2"], metric, before, best[key],
     )
     return best
+
+
+def add_ease(model: Any, gram: np.ndarray, l2: float, alpha: float) -> None:
+    """Adds α · EASE(λ) of `gram` to the item-item branch: a (λ, α) chosen elsewhere (the
+    serving refit reuses its protocol model's choice on all the data)."""
+    _add_to_branch(model.item_item, alpha * ease_from_gram(gram, l2))
+
+
+def _add_to_branch(branch: Any, matrix: np.ndarray) -> None:
+    trained = branch.weights_matrix.numpy()
+    branch.weights_matrix.assign((trained + matrix).astype(np.float32))

@@ -34,11 +34,11 @@ from recsys_cvae import protocols as P
 from recsys_cvae.config import Config
 from recsys_cvae.model.cvae import CVAE, build_model
 from recsys_cvae.model.ease import ease_from_gram
-from recsys_cvae.model.model_dir import BEST_WEIGHTS, CONFIG_FILE, METRICS_FILE
+from recsys_cvae.model.model_dir import BEST_WEIGHTS, CONFIG_FILE, METRICS_FILE, TRAINED_ON
 from recsys_cvae.spec import FeatureSpec, absolute_local_path
 from recsys_cvae.training.callbacks import BetaAnnealing, RankingValidation
 from recsys_cvae.training.dataset import make_dataset
-from recsys_cvae.training.ease_blend import blend_closed_form, gram_matrix
+from recsys_cvae.training.ease_blend import add_ease, blend_closed_form, gram_matrix
 from recsys_cvae.training.strategy import choose_strategy, resolve_strategy_name, worker_name
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,35 @@ log = logging.getLogger(__name__)
 SMALL_DATA_USERS = 20_000
 
 
+@dataclasses.dataclass(frozen=True)
+class FitData:
+    """What a model learns from: splits read as one training set, and the split that tunes it.
+
+    Attributes:
+      train: the training splits (a protocol model: its protocol's train split).
+      validation: the split whose ranking picks the best epoch, or None (every epoch is kept;
+        the last one is the model).
+      fold_targets: the training users' held-out targets join their history, so every
+        interaction is input (the serving refit, `training.refit`).
+    """
+
+    train: tuple[str, ...]
+    validation: str | None
+    fold_targets: bool = False
+
+    def users(self, spec: FeatureSpec) -> int:
+        return sum(spec.splits[split].users for split in self.train)
+
+    def describe(self, spec: FeatureSpec) -> dict[str, Any]:
+        """The provenance written to config.json and the export's assets."""
+        return {"splits": list(self.train), "validation": self.validation,
+                "users": self.users(spec), "targets_in_history": self.fold_targets}
+
+
 def _fit_inputs(
     strategy: tf.distribute.Strategy,
     spec: FeatureSpec,
-    splits: tuple[str, str | None],
+    data: FitData,
     batch_size: int,
     seed: int,
 ) -> tuple[Any, int | None, Any]:
@@ -62,24 +87,27 @@ def _fit_inputs(
     repeats and an epoch is counted in steps. Validation loss is skipped there: the
     ranking validation runs on every worker alike.
     """
-    train_split, validation_split = splits
+    fold = data.fold_targets
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        train_data = make_dataset(spec, train_split, batch_size, shuffle=True, seed=seed)
+        train_data = make_dataset(
+            spec, data.train, batch_size, shuffle=True, seed=seed, fold_targets=fold
+        )
         validation_data = (
-            make_dataset(spec, validation_split, batch_size) if validation_split else None
+            make_dataset(spec, data.validation, batch_size) if data.validation else None
         )
         return train_data, None, validation_data
     train_data = strategy.distribute_datasets_from_function(
         lambda context: make_dataset(
-            spec, train_split, batch_size, shuffle=True, seed=seed, input_context=context
+            spec, data.train, batch_size, shuffle=True, seed=seed, input_context=context,
+            fold_targets=fold,
         ).repeat()
     )
-    return train_data, steps_per_epoch(spec, train_split, batch_size), None
+    return train_data, steps_per_epoch(spec, data, batch_size), None
 
 
-def steps_per_epoch(spec: FeatureSpec, split: str, batch_size: int) -> int:
-    """Optimizer steps in one pass over `split` at this global batch size."""
-    return max(1, math.ceil(spec.splits[split].users / batch_size))
+def steps_per_epoch(spec: FeatureSpec, data: FitData, batch_size: int) -> int:
+    """Optimizer steps in one pass over the training users at this global batch size."""
+    return max(1, math.ceil(data.users(spec) / batch_size))
 
 
 def train(
@@ -87,8 +115,17 @@ def train(
     model_dir: str,
     config: Config,
     callbacks: list[tf.keras.callbacks.Callback] | None = None,
+    data: FitData | None = None,
+    fixed_blend: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Trains the CVAE on `features_dir`'s train split; returns the best validation metrics.
+
+    `data` (default: `train.protocol`'s train and validation splits, `protocols.fit_splits`)
+    says what it learns from. `fixed_blend` ({"alpha", "l2"}, as a validated run chose them)
+    adds α · EASE(λ) of this run's training users to the item-item branch instead of choosing
+    (λ, α) on validation: the serving refit has no validation split. `provenance` is recorded
+    next to `data` under config.json's `trained_on`.
 
     Resumes from `model_dir/backup` when an earlier run stopped before finishing. Extra
     `callbacks` run after the built-in ones (which add the validation metrics to the logs).
@@ -111,25 +148,22 @@ def train(
     tf.keras.utils.set_random_seed(config.train.seed)
     spec = FeatureSpec.load(features_dir)
     config = adapt_to_data(config, spec)
-    splits = P.fit_splits(spec, config.train.protocol)
-    run = _prepare_model_dir(strategy, features_dir, model_dir, config)
+    if data is None:
+        training, validation = P.fit_splits(spec, config.train.protocol)
+        data = FitData((training,), validation)
+    trained_on = {**data.describe(spec), **(provenance or {})}
+    run = _prepare_model_dir(strategy, features_dir, model_dir, config, trained_on)
     model = _compiled_model(strategy, spec, config)
     if model.item_item is not None and config.model.linear_init == "ease" and not run.resume:
         model.item_item.weights_matrix.assign(ease_matrix(
-            model, spec, splits[0], config.model.linear_init_l2, config.train.batch_size
+            model, spec, data, config.model.linear_init_l2, config.train.batch_size
         ))
-    validation = _fit(model, strategy, spec, splits, run, config, callbacks or [])
+    validation = _fit(model, strategy, spec, data, run, config, callbacks or [])
     result = _best_run(validation, strategy_name, strategy, time.time() - start)
-    blend = model.item_item is not None and splits[1] and config.model.linear_blend_lambdas
-    if run.chief and blend:
-        # The best epoch's weights, plus EASE's closed form at the weight validation picks.
-        model.load_weights(run.best_weights)
-        result["linear_blend"] = blend_closed_form(
-            model, spec, splits[0], splits[1], config.train.batch_size,
-            config.model.linear_blend_lambdas, config.model.linear_blend_weights,
-            config.evaluate.selection_metric,
-        )
-        model.save_weights(run.best_weights)
+    if run.chief and model.item_item is not None:
+        blend = _blend(model, spec, data, config, fixed_blend, run.best_weights)
+        if blend is not None:
+            result["linear_blend"] = blend
     validation.write(
         linear_blend=result.get("linear_blend"), epochs_run=result["epochs_run"],
         seconds=result["seconds"], strategy=result["strategy"], best_beta=result["best_beta"],
@@ -153,8 +187,34 @@ class _RunFolders:
         return os.path.join(self.out_dir, BEST_WEIGHTS)
 
 
+def _blend(
+    model: CVAE, spec: FeatureSpec, data: FitData, config: Config,
+    fixed: dict[str, Any] | None, best_weights: str,
+) -> dict[str, Any] | None:
+    """The best epoch's weights plus EASE's closed form: at the (λ, α) validation picks, or
+    at `fixed`'s when there is no validation; None when neither applies."""
+    if fixed is None and not (data.validation and config.model.linear_blend_lambdas):
+        return None
+    if fixed is not None and not fixed.get("alpha"):
+        return dict(fixed)  # the validated run kept its trained branch: so does this one
+    model.load_weights(best_weights)
+    if fixed is not None:
+        gram = gram_matrix(model, spec, data.train, config.train.batch_size, data.fold_targets)
+        add_ease(model, gram, fixed["l2"], fixed["alpha"])
+        chosen = dict(fixed)
+    else:
+        chosen = blend_closed_form(
+            model, spec, data.train[0], data.validation, config.train.batch_size,
+            config.model.linear_blend_lambdas, config.model.linear_blend_weights,
+            config.evaluate.selection_metric,
+        )
+    model.save_weights(best_weights)
+    return chosen
+
+
 def _prepare_model_dir(
-    strategy: tf.distribute.Strategy, features_dir: str, model_dir: str, config: Config
+    strategy: tf.distribute.Strategy, features_dir: str, model_dir: str, config: Config,
+    trained_on: dict[str, Any],
 ) -> _RunFolders:
     """Creates this process's folder and, on the chief, writes the resolved config.json."""
     # Non-chief workers of a multi-worker job write their copies to a scratch directory.
@@ -167,7 +227,8 @@ def _prepare_model_dir(
     resume = tf.train.latest_checkpoint(os.path.join(backup_dir, "chief")) is not None
     if chief:
         # Absolute, so `load_trained_model` works from any working directory.
-        resolved = {"features_dir": absolute_local_path(features_dir), **config.to_dict()}
+        resolved = {"features_dir": absolute_local_path(features_dir), **config.to_dict(),
+                    TRAINED_ON: trained_on}
         with tf.io.gfile.GFile(os.path.join(model_dir, CONFIG_FILE), "w") as f:
             f.write(json.dumps(resolved, indent=2) + "\n")
     return _RunFolders(chief, out_dir, backup_dir, resume)
@@ -195,7 +256,7 @@ def _fit(
     model: CVAE,
     strategy: tf.distribute.Strategy,
     spec: FeatureSpec,
-    splits: tuple[str, str | None],
+    data: FitData,
     run: _RunFolders,
     config: Config,
     extra_callbacks: list[tf.keras.callbacks.Callback],
@@ -203,13 +264,13 @@ def _fit(
     """`model.fit` with β annealing, ranking validation, backups and TensorBoard."""
     settings = config.train
     train_data, steps, validation_data = _fit_inputs(
-        strategy, spec, splits, settings.batch_size, settings.seed
+        strategy, spec, data, settings.batch_size, settings.seed
     )
     anneal_steps = settings.beta_anneal_steps
     if anneal_steps < 0:  # over the whole run: the best epoch's β is the cap validation chose
-        anneal_steps = settings.epochs * steps_per_epoch(spec, splits[0], settings.batch_size)
+        anneal_steps = settings.epochs * steps_per_epoch(spec, data, settings.batch_size)
     validation = RankingValidation(
-        make_dataset(spec, splits[1], settings.batch_size) if splits[1] else None,
+        make_dataset(spec, data.validation, settings.batch_size) if data.validation else None,
         best_weights=run.best_weights,
         metrics_path=os.path.join(run.out_dir, METRICS_FILE),
         patience=settings.early_stopping_patience,
@@ -265,11 +326,11 @@ def adam(learning_rate: float) -> tf.keras.optimizers.Adam:
     return optimizer
 
 
-def ease_matrix(model: CVAE, spec: FeatureSpec, split: str, l2: float, batch_size: int):
-    """EASE's closed form B on the split's users' inputs x (`ease_blend.gram_matrix`), as the
+def ease_matrix(model: CVAE, spec: FeatureSpec, data: FitData, l2: float, batch_size: int):
+    """EASE's closed form B on the training users' inputs x (`ease_blend.gram_matrix`), as the
     float32 `[num_items, num_items]` start of the item-item branch. Every worker of a cluster
-    computes the same B from the whole split."""
-    gram = gram_matrix(model, spec, split, batch_size)
+    computes the same B from the whole training set."""
+    gram = gram_matrix(model, spec, data.train, batch_size, data.fold_targets)
     return ease_from_gram(gram, l2).astype(np.float32)
 
 

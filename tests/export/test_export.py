@@ -250,7 +250,7 @@ def test_a_version_claimed_meanwhile_is_skipped(model, tmp_path, monkeypatch):
 def test_a_failed_export_leaves_no_folder_behind(model, tmp_path, monkeypatch):
     base = str(tmp_path / "export")
 
-    def disk_full(module, directory):
+    def disk_full(module, directory, trained_on):
         raise OSError("No space left on device")
 
     monkeypatch.setattr(E, "_write_assets_extra", disk_full)

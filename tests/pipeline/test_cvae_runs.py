@@ -21,23 +21,35 @@ from recsys_cvae.config import Config
 from recsys_cvae.pipeline.cvae_runs import forget_sources, plan_models
 
 
-def test_every_protocol_with_a_train_split_gets_a_cvae_by_default(features_dir):
+def test_every_protocol_gets_a_cvae_and_the_served_one_is_refitted_on_all_data(features_dir):
     spec = S.FeatureSpec.load(features_dir)
     models = plan_models(spec, Config(), "W")
-    assert [(m.protocol, m.main) for m in models] == [
-        ("strong", True), ("weak", False), ("temporal", False)
+    assert [(m.label, m.main, m.served) for m in models] == [
+        ("strong", True, False), ("weak", False, False), ("temporal", False, False),
+        ("serving", False, True),
     ]
-    strong, weak, temporal = models
-    # The primary model keeps the standard folders and also answers cold start.
+    strong, weak, temporal, serving = models
+    # The protocol models answer the evaluation, the primary one also cold start.
     assert (strong.model_dir, strong.export_base, strong.splits) == (
-        "W/model", "W/export", ("test", "cold")
+        "W/protocols/strong/model", "W/protocols/strong/export", ("test", "cold")
     )
     assert (weak.model_dir, weak.export_base, weak.splits) == (
         "W/protocols/weak/model", "W/protocols/weak/export", ("weak_test",)
     )
     assert temporal.splits == ("temporal_test",)
-    # The Mult-VAE variant lives next to it, and explicit main folders win.
-    variant = plan_models(spec, Config(), "W", "M", "E", suffix="_multvae")
+    # The served model keeps the standard folders, reuses strong's selection, answers nothing.
+    assert (serving.protocol, serving.model_dir, serving.export_base, serving.splits) == (
+        "strong", "W/model", "W/export", ()
+    )
+    # Without the refit the primary protocol model is served, from the standard folders.
+    config = Config()
+    config.train.serving_refit = False
+    assert [(m.model_dir, m.served) for m in plan_models(spec, config, "W")][0] == (
+        "W/model", True
+    )
+    # The Mult-VAE variant (a baseline: never refitted) lives next to it; explicit main
+    # folders win.
+    variant = plan_models(spec, Config(), "W", "M", "E", suffix="_multvae", serving_refit=False)
     assert [m.model_dir for m in variant] == [
         "M", "W/protocols/weak/model_multvae", "W/protocols/temporal/model_multvae"
     ]
@@ -47,7 +59,7 @@ def test_train_protocols_limits_the_cvaes_and_train_protocol_alone_is_one(featur
     spec = S.FeatureSpec.load(features_dir)
     config = Config()
     config.train.protocols = ["strong"]
-    assert [m.protocol for m in plan_models(spec, config, "W")] == ["strong"]
+    assert [m.label for m in plan_models(spec, config, "W")] == ["strong", "serving"]
     config.train.protocols = ["temporal", "strong"]
     assert P.cvae_protocols(spec, config.train) == ("strong", ["strong", "temporal"])
 
@@ -55,9 +67,11 @@ def test_train_protocols_limits_the_cvaes_and_train_protocol_alone_is_one(featur
     # the strong test users (whose targets a weak model has trained on).
     config = Config()
     config.train.protocol = "weak"
-    (weak,) = plan_models(spec, config, "W")
-    assert (weak.protocol, weak.model_dir) == ("weak", "W/model")
+    weak, serving = plan_models(spec, config, "W")
+    assert (weak.protocol, weak.model_dir) == ("weak", "W/protocols/weak/model")
     assert weak.splits == ("weak_test", "cold")
+    # The served refit reuses the main protocol's selection, on all the data.
+    assert (serving.protocol, serving.model_dir, serving.refit) == ("weak", "W/model", True)
 
 
 def test_an_explicit_export_run_drops_the_splits_it_answered_from_the_sources(tmp_path):
@@ -108,23 +122,37 @@ def test_stages_by_hand_give_each_protocol_its_own_cvae(features_dir, tmp_path):
 
     # Each model records the protocol it was fitted on; temporal has no model.
     fitted = {}
-    for folder in ("model", "protocols/weak/model"):
+    for folder in ("model", "protocols/strong/model", "protocols/weak/model"):
         with open(os.path.join(work, folder, "config.json")) as f:
             fitted[folder] = json.load(f)["train"]["protocol"]
-    assert fitted == {"model": "strong", "protocols/weak/model": "weak"}
+    assert fitted == {
+        "model": "strong", "protocols/strong/model": "strong", "protocols/weak/model": "weak"
+    }
     assert not os.path.exists(os.path.join(work, "protocols", "temporal"))
+
+    # The served export was refitted on every user, with every interaction as input, and
+    # says so in its assets; strong's own model saw the train split only.
+    spec = S.FeatureSpec.load(features_dir)
+    with open(os.path.join(work, "export", "1", "assets.extra", "export_info.json")) as f:
+        served = json.load(f)["trained_on"]
+    everyone = sum(spec.splits[s].users for s in ("train", "validation", "test", "cold"))
+    assert served["splits"] == ["train", "validation", "test", "cold"]
+    assert (served["users"], served["targets_in_history"], served["refit_of"]) == (
+        everyone, True, "strong"
+    )
+    with open(os.path.join(work, "protocols/strong/model", "config.json")) as f:
+        assert json.load(f)["trained_on"]["splits"] == ["train"]
 
     # Every split is answered by its own protocol's export, cold start by the main one.
     sources = C.read_sources(candidates)
     assert {split: s["protocol"] for split, s in sources.items()} == {
         "test": "strong", "cold": "strong", "weak_test": "weak"
     }
-    assert sources["test"]["export_dir"] == os.path.join(work, "export", "1")
+    assert sources["test"]["export_dir"] == os.path.join(work, "protocols/strong/export", "1")
     assert sources["weak_test"]["export_dir"] == os.path.join(work, "protocols/weak/export", "1")
     assert not C.split_files(candidates, "cvae", "temporal_test")
 
     # The weak_test candidates are the weak export's answers, not the primary export's.
-    spec = S.FeatureSpec.load(features_dir)
     users = list(S.read_user_records(spec, "weak_test"))[:16]
     written = {
         user: items

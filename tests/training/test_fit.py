@@ -361,11 +361,11 @@ def test_multi_worker_strategy_trains_two_local_workers_in_step(features_dir, tm
 def test_ease_initialisation_matches_the_ease_baseline(features_dir):
     from recsys_cvae.baselines.linear import ease_weights
     from recsys_cvae.baselines.split_data import load_split
-    from recsys_cvae.training.fit import ease_matrix
+    from recsys_cvae.training.fit import FitData, ease_matrix
 
     spec = FeatureSpec.load(features_dir)
     model = build_model(spec, ModelConfig(linear_branch_max_items=spec.num_items))
-    weights = ease_matrix(model, spec, TRAIN, l2=50.0, batch_size=64)
+    weights = ease_matrix(model, spec, FitData((TRAIN,), None), l2=50.0, batch_size=64)
     index = {item: i for i, item in enumerate(spec.item_vocabulary())}
     expected = ease_weights(load_split(spec, TRAIN, index).history, 50.0)
     np.testing.assert_allclose(weights, expected, atol=1e-5)
