@@ -27,8 +27,15 @@ from serving.batching import Batcher
 from serving.client import RecommenderClient, ServingError
 from serving.server import ModelServer
 from serving.versions import read_model_config_file
-from tests.builders import NORTH_EMPTY, outputs_of, predict_request
-from tests.serving.conftest import V1_SCORES, V2_SCORES, save_version, write_self_signed_certificate
+from tests.builders import (
+    NORTH_EMPTY,
+    V1_SCORES,
+    V2_SCORES,
+    outputs_of,
+    predict_request,
+    save_version,
+    write_self_signed_certificate,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

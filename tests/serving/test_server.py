@@ -31,8 +31,14 @@ from tensorflow_serving.apis import (
 )
 
 from serving.server import ModelServer
-from tests.builders import NORTH_EMPTY, outputs_of, predict_request
-from tests.serving.conftest import V1_SCORES, V2_SCORES, save_version
+from tests.builders import (
+    NORTH_EMPTY,
+    V1_SCORES,
+    V2_SCORES,
+    outputs_of,
+    predict_request,
+    save_version,
+)
 
 
 @pytest.fixture(scope="module")
