@@ -4,7 +4,11 @@ Why Beam RunInference on the exported SavedModel (and not the Keras model): the 
 must answer exactly what TF Serving answers, so it runs the same `recommend` / `generate`
 signatures, never `recsys_cvae.model`. Warm users (validation, test, train) are served by
 `recommend` from their history and attributes; cold users by `generate` from attributes
-alone.
+alone. The signatures take raw profile columns (`zip_code`) while the feature records hold
+the attributes (`zip_region`, derived from it): `signature_inference.parse_users` feeds each
+input its stored attribute through `spec.serving_inputs`, which the graph's derivation maps
+back to itself (every derivation is a projection), so the candidates are what a client
+sending the raw profile gets.
 
 Why the element is a batch of users from `BatchUsers` on: the model costs a few hundred
 microseconds of CPU per user, and every per-user Python object after it (a

@@ -293,9 +293,13 @@ def feature_spec(
     attributes = []
     for name, described in summary["attributes"].items():
         if described["kind"] == S.CATEGORICAL:
+            # A derived attribute (the layout's `derived`: zip_region from zip_code) says so,
+            # so the export takes the raw column and derives it in the graph.
+            column, derivation = layout.derived.get(name, (None, None))
             attributes.append(S.AttributeSpec(
                 name, S.CATEGORICAL, vocabulary_file=f"vocab/attr_{name}.txt",
                 vocabulary_size=described["vocabulary_size"],
+                derived_from=column, derivation=derivation,
             ))  # fmt: skip
         else:
             attributes.append(S.AttributeSpec(

@@ -49,6 +49,11 @@ def parse_users(serialized, spec: S.FeatureSpec, with_history: bool) -> tuple[An
     every run. The parse spec is the feature spec's (`FeatureSpec.parse_spec`), so unknown
     values get the same defaults as training.
 
+    The signature's attribute inputs are raw profile columns (`spec.serving_inputs`), while
+    the records hold attributes, derived ones included (`zip_region`, not `zip_code`): each
+    input is fed its stored attribute (`spec.inputs_from_attributes`), which the graph's
+    derivation maps back to itself (derivations are projections).
+
     Args:
       serialized: [batch] tf.string, `tf.train.Example`s written by the feature job.
       spec: the feature spec (attributes in signature order).
@@ -57,15 +62,16 @@ def parse_users(serialized, spec: S.FeatureSpec, with_history: bool) -> tuple[An
     Returns:
       user_ids [batch] tf.string, and inputs: `item_ids` [batch, n] tf.string (histories
       right-padded with "", n = the longest history in the batch, at least 1) when
-      `with_history`, plus per attribute a [batch] tensor, tf.string for categorical
-      ("" = unknown) or tf.float32 for numeric (NaN = unknown).
+      `with_history`, plus per serving input (raw column) a [batch] tensor, tf.string for
+      categorical ("" = unknown) or tf.float32 for numeric (NaN = unknown).
     """
     import tensorflow as tf  # deferred: see the module docstring
 
-    wanted = [S.USER_ID, *([S.HISTORY] if with_history else []), *spec.attribute_names]
+    stored = [i.stored_as for i in S.serving_inputs(spec) if i.stored_as is not None]
+    wanted = [S.USER_ID, *([S.HISTORY] if with_history else []), *stored]
     parse_spec = spec.parse_spec()
     parsed = tf.io.parse_example(serialized, {name: parse_spec[name] for name in wanted})
-    inputs = {name: parsed[name] for name in spec.attribute_names}
+    inputs = S.inputs_from_attributes(spec, parsed)
     if with_history:
         history = parsed[S.HISTORY].to_tensor(default_value="")  # [batch, longest]
         width = tf.maximum(tf.shape(history)[1], 1)
@@ -106,7 +112,8 @@ class SignatureRunner:
     Args:
       export_dir: a SavedModel version directory (`export/<version>`).
       signature: `recommend` or `generate`.
-      spec: the feature spec; its attributes must be the signature's inputs.
+      spec: the feature spec; its serving inputs (`spec.serving_inputs`: raw columns) must be
+        the signature's inputs.
     """
 
     def __init__(self, export_dir: str, signature: str, spec: S.FeatureSpec) -> None:
@@ -119,7 +126,7 @@ class SignatureRunner:
         function = self._loaded.signatures[signature]
         with_history = signature == RECOMMEND
         names = [HISTORY_INPUT] if with_history else []
-        names += spec.attribute_names
+        names += [i.name for i in S.serving_inputs(spec)]
         _, expected = function.structured_input_signature
         if set(expected) != set(names):
             raise ExportError(
@@ -173,7 +180,7 @@ class SavedModelSignatureHandler(ModelHandler[Sequence[bytes], PredictionResult,
     Args:
       export_dir: the SavedModel version directory.
       signature: `recommend` (history + attributes) or `generate` (attributes only).
-      spec: the feature spec (attributes in order, one signature input each; parse spec).
+      spec: the feature spec (its serving inputs name the signature's inputs; parse spec).
       share_model_across_processes: load one copy per machine instead of one per process.
     """
 

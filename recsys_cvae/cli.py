@@ -156,7 +156,7 @@ def _add_serving_commands(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="one user attribute (repeatable)",
+        help="one raw profile column, e.g. zip_code=55105 (repeatable)",
     )
     _add_common(p)
 

@@ -10,11 +10,19 @@ back with `FeatureSpec.load`. One record per user is a `tf.train.Example` with
     target_item_ids     bytes[]   the held-out items to rank (empty for training users)
     history_weights     float[]   optional (spec.history_weights): one recency weight per
                                   history item, aligned with history_item_ids
-    <attribute>         bytes     one per categorical attribute ("" = unknown)
+    <attribute>         bytes     one per categorical attribute ("" = unknown); a derived
+                                  attribute holds the derived value (`zip_region`), never
+                                  its raw column
     <attribute>         float     one per numeric attribute (NaN = unknown)
 
 IDs stay strings end to end; vocabularies map them to indices inside Keras layers
 (`recsys_cvae.model.preprocessing`), so training and serving share one lookup.
+
+Serving inputs are raw profile columns, not attributes: an attribute the feature job derives
+from a column (`AttributeSpec.derived_from` + `derivation`, one of `recsys_cvae.derivations`)
+is computed inside the serving graph from that column. `serving_inputs` is the one mapping
+from the spec's attributes to the signatures' inputs; every caller that builds inputs (the
+export, its verification, batch candidates, the what-if panel) goes through it.
 
 Why one file of ~450 lines: the spec, the Example codec that writes and reads its records
 (`encode_user_example`, `decode_user_example`) and the vocabulary files are one contract that
@@ -29,7 +37,9 @@ import math
 import os
 import posixpath
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
+
+from recsys_cvae import derivations as D
 
 SPEC_FILE = "feature_spec.json"
 SPEC_FORMAT_VERSION = 1
@@ -85,7 +95,8 @@ class AttributeSpec:
     """One user attribute as the model and the serving signatures see it.
 
     Attributes:
-      name: column name in the users table; also the serving input name.
+      name: the attribute's name: the feature in the records and the model's input; for a
+        raw attribute also the users-table column and the serving input.
       kind: `categorical` (string, looked up in a vocabulary) or `numeric` (float32).
       vocabulary_file: categorical only; path relative to the features directory, one value
         per line, most frequent first.
@@ -95,6 +106,12 @@ class AttributeSpec:
       std: numeric only; training-users standard deviation (1.0 when the column is constant).
       source: where the attribute comes from: `users` (the users table) or `context`
         (computed from the logs by the feature job).
+      derived_from: the raw users-table column the attribute is derived from (e.g.
+        `zip_code` for `zip_region`), which is then the serving input; None for a raw
+        attribute. Set together with `derivation`.
+      derivation: how: one of `recsys_cvae.derivations.NAMES` (e.g. `first_char_upper`);
+        the feature job applies it in Python, the serving graph in TensorFlow. Derived
+        attributes are categorical (derivations yield strings).
     """
 
     name: str
@@ -105,6 +122,8 @@ class AttributeSpec:
     mean: float = 0.0
     std: float = 1.0
     source: str = "users"
+    derived_from: str | None = None
+    derivation: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in (CATEGORICAL, NUMERIC):
@@ -116,10 +135,43 @@ class AttributeSpec:
             raise SpecError(f"attribute name {self.name!r} is reserved; rename the column")
         if self.kind == CATEGORICAL and not self.vocabulary_file:
             raise SpecError(f"categorical attribute {self.name!r} needs a vocabulary_file")
+        self._check_derivation()
+
+    def _check_derivation(self) -> None:
+        if (self.derived_from is None) != (self.derivation is None):
+            raise SpecError(
+                f"attribute {self.name!r}: derived_from and derivation go together, got "
+                f"derived_from={self.derived_from!r}, derivation={self.derivation!r}"
+            )
+        if self.derivation is None:
+            return
+        try:
+            D.check_name(self.derivation)
+        except D.DerivationError as error:
+            raise SpecError(f"attribute {self.name!r}: {error}") from None
+        if not self.derived_from or self.derived_from in RESERVED_NAMES:
+            raise SpecError(
+                f"attribute {self.name!r}: derived_from {self.derived_from!r} cannot be a raw "
+                f"column (empty or one of {sorted(RESERVED_NAMES)})"
+            )
+        if self.kind != CATEGORICAL:
+            raise SpecError(
+                f"attribute {self.name!r} is derived ({self.derivation} of "
+                f"{self.derived_from!r}) and so categorical, not {self.kind!r}"
+            )
 
     @property
     def is_categorical(self) -> bool:
         return self.kind == CATEGORICAL
+
+    @property
+    def is_derived(self) -> bool:
+        return self.derivation is not None
+
+    @property
+    def serving_input(self) -> str:
+        """The serving input this attribute is computed from: its raw column."""
+        return self.derived_from if self.derived_from is not None else self.name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +221,9 @@ class FeatureSpec:
     )
     history_weights: bool = False
     directory: str = ""
+
+    def __post_init__(self) -> None:
+        serving_inputs(self)  # refuses attributes no set of raw columns can feed
 
     # ---- paths -------------------------------------------------------------------------
 
@@ -331,6 +386,112 @@ class FeatureSpec:
 def _protocol_name(name: str) -> str:
     """Specs written before protocols had names said `strong_generalization`."""
     return STRONG if name == "strong_generalization" else name
+
+
+# ---- attributes -> serving inputs (raw profile columns) -----------------------------------
+
+
+class ServingInput(NamedTuple):
+    """One attribute input of the serving signatures: a raw profile column.
+
+    Attributes:
+      name: the input's name, the raw column a caller holds (`zip_code`, `age`).
+      kind: `categorical` (tf.string) or `numeric` (tf.float32); derived attributes read
+        strings.
+      attributes: the spec's attributes computed from it, in spec order (the raw attribute
+        of the same name itself, and every attribute derived from the column).
+      stored_as: the attribute whose value in the feature records can be fed as this input
+        and give back every one of `attributes`: the raw attribute when the spec has one,
+        else a derived one (derivations are projections, so derive(stored) == stored); None
+        when attributes with different derivations share the column and it is not stored.
+    """
+
+    name: str
+    kind: str
+    attributes: tuple[str, ...]
+    stored_as: str | None
+
+    @property
+    def is_categorical(self) -> bool:
+        return self.kind == CATEGORICAL
+
+
+def serving_inputs(spec: FeatureSpec) -> list[ServingInput]:
+    """The signatures' attribute inputs, in spec order of first use: one per raw column.
+
+    A raw attribute is its own input; a derived attribute is read from its `derived_from`
+    column, and attributes derived from one column share one input. This is the one
+    mapping from the spec to the signatures: the export builds its input signature and its
+    in-graph derivations from it, and every feeder of the signatures (verification, batch
+    candidates, what-if) names its inputs by it.
+
+    Raises:
+      SpecError: a column read both as a number and as a string, or a derived attribute
+        named as another attribute's raw column.
+    """
+    grouped: dict[str, list[AttributeSpec]] = {}
+    for attribute in spec.attributes:
+        grouped.setdefault(attribute.serving_input, []).append(attribute)
+    inputs = []
+    for name, attributes in grouped.items():
+        raw = [a for a in attributes if not a.is_derived]
+        derived = [a for a in attributes if a.is_derived]
+        if derived and any(not a.is_categorical for a in raw):
+            raise SpecError(
+                f"column {name!r} is a numeric attribute and the source of derived attribute(s) "
+                f"{[a.name for a in derived]}, which read it as a string"
+            )
+        if raw:
+            stored_as: str | None = raw[0].name
+        elif len({a.derivation for a in derived}) == 1:
+            stored_as = derived[0].name
+        else:
+            stored_as = None
+        kind = CATEGORICAL if derived else attributes[0].kind
+        inputs.append(ServingInput(name, kind, tuple(a.name for a in attributes), stored_as))
+    for attribute in spec.attributes:
+        if attribute.is_derived and attribute.name != attribute.derived_from and (
+            attribute.name in grouped
+        ):
+            raise SpecError(
+                f"attribute {attribute.name!r} is derived from {attribute.derived_from!r}, but "
+                f"{attribute.name!r} is also the raw column of {grouped[attribute.name][0].name!r}"
+                "; one name cannot be both"
+            )
+    return inputs
+
+
+def inputs_from_attributes(spec: FeatureSpec, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Attribute values as the feature records hold them -> the signatures' attribute inputs.
+
+    `values` maps attribute names to anything (one value, a list, a tensor); each input gets
+    the value of its `stored_as` attribute, unchanged (derivations are projections).
+
+    Raises:
+      SpecError: an input no stored attribute can feed (see `ServingInput.stored_as`).
+    """
+    inputs = {}
+    for serving_input in serving_inputs(spec):
+        if serving_input.stored_as is None:
+            raise SpecError(
+                f"serving input {serving_input.name!r} feeds attributes "
+                f"{list(serving_input.attributes)} with different derivations, and the records "
+                "do not hold the raw column; add it as an attribute"
+            )
+        inputs[serving_input.name] = values[serving_input.stored_as]
+    return inputs
+
+
+def attributes_from_inputs(spec: FeatureSpec, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """One caller's attribute inputs (raw column -> one value) -> attribute values, in
+    Python, as the serving graph computes them (derived attributes derived, others as sent)."""
+    values = {}
+    for attribute in spec.attributes:
+        value = inputs[attribute.serving_input]
+        if attribute.derivation is not None:
+            value = D.derive(attribute.derivation, "" if value is None else str(value))
+        values[attribute.name] = value
+    return values
 
 
 # ---- one user record ----------------------------------------------------------------------

@@ -174,6 +174,69 @@ def write_toy_dirs(tmp_path) -> tuple[str, str, str]:
 
 
 
+# ---- features with a derived attribute (export, candidates) -------------------------------
+
+ZIP_ITEMS = [f"i{n}" for n in range(12)]
+ZIP_REGIONS = ["5", "E", "9", "0", "T"]
+# split -> [(user_id, history, targets, raw profile)]: the profile as a client holds it
+# (u.user columns), the records hold zip_region = zip_code[:1].upper() (the feature job's
+# ML-100K rule, written out here independently of recsys_cvae.derivations).
+ZIP_USERS = {
+    S.TRAIN: [
+        ("t1", ["i0", "i1", "i2"], [], {"gender": "F", "age": 25.0, "zip_code": "55105"}),
+        ("t2", ["i3", "i4"], [], {"gender": "M", "age": 41.0, "zip_code": "e1a 2b3"}),
+        ("t3", ["i5", "i6", "i7"], [], {"gender": "F", "age": None, "zip_code": "94110"}),
+    ],
+    S.VALIDATION: [
+        ("v1", ["i1"], ["i2"], {"gender": "M", "age": 33.0, "zip_code": "02139"}),
+        ("v2", ["i4", "i8"], ["i9"], {"gender": "", "age": 52.0, "zip_code": "T8H1N"}),
+    ],
+    S.TEST: [
+        ("s1", ["i0", "i9"], ["i3"], {"gender": "F", "age": 29.0, "zip_code": "55105"}),
+        ("s2", ["i2"], ["i5"], {"gender": "M", "age": None, "zip_code": "e1a 2b3"}),
+        ("s3", ["i10", "i11"], ["i1"], {"gender": "F", "age": 61.0, "zip_code": ""}),
+        ("s4", ["i6"], ["i7"], {"gender": "M", "age": 38.0, "zip_code": "x0x 0x0"}),
+    ],
+    S.COLD: [
+        ("c1", [], ["i4"], {"gender": "F", "age": 45.0, "zip_code": "98052"}),
+        ("c2", [], ["i8"], {"gender": "M", "age": 22.0, "zip_code": "e2a4h"}),
+        ("c3", [], ["i0"], {"gender": "", "age": None, "zip_code": ""}),
+    ],
+}
+
+
+def write_zip_features(directory: str) -> S.FeatureSpec:
+    """A features directory whose spec derives `zip_region` from the raw `zip_code` (as
+    ML-100K's), next to a raw categorical `gender` and a numeric `age`; 12 items, 4 splits."""
+    attributes = (
+        S.AttributeSpec("gender", S.CATEGORICAL, "vocab/attr_gender.txt", 2),
+        S.AttributeSpec("age", S.NUMERIC, mean=35.0, std=10.0),
+        S.AttributeSpec("zip_region", S.CATEGORICAL, "vocab/attr_zip_region.txt",
+                        len(ZIP_REGIONS), derived_from="zip_code",
+                        derivation="first_char_upper"),
+    )  # fmt: skip
+    S.write_vocabulary(os.path.join(directory, "vocab", "items.txt"), ZIP_ITEMS)
+    S.write_vocabulary(os.path.join(directory, "vocab", "attr_gender.txt"), ["F", "M"])
+    S.write_vocabulary(os.path.join(directory, "vocab", "attr_zip_region.txt"), ZIP_REGIONS)
+    splits = {}
+    for split, rows in ZIP_USERS.items():
+        os.makedirs(os.path.join(directory, split), exist_ok=True)
+        path = os.path.join(directory, split, "part-00000-of-00001.tfrecord.gz")
+        with tf.io.TFRecordWriter(path, options="GZIP") as writer:
+            for user_id, history, targets, profile in rows:
+                values = {"gender": profile["gender"], "age": profile["age"],
+                          "zip_region": profile["zip_code"][:1].upper()}
+                writer.write(S.encode_user_example(attributes, user_id, history, targets, values))
+        splits[split] = S.SplitSpec(f"{split}/part-*.tfrecord.gz", len(rows))
+    S.FeatureSpec(attributes, "vocab/items.txt", len(ZIP_ITEMS), splits).save(directory)
+    return S.FeatureSpec.load(directory)
+
+
+def zip_profiles() -> dict[str, dict]:
+    """user_id -> raw profile of every ZIP_USERS user."""
+    return {user: profile for rows in ZIP_USERS.values() for user, _, _, profile in rows}
+
+
 # ---- raw input files (datasets) -------------------------------------------------------------
 
 

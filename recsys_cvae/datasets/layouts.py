@@ -48,6 +48,7 @@ from recsys_cvae.datasets.rows import (
     named_fields,
     parse_interaction,
 )
+from recsys_cvae.derivations import derive
 from recsys_cvae.spec import CATEGORICAL, NUMERIC, RESERVED_NAMES
 
 # Detection looks for the interactions file of each layout, in this order.
@@ -66,10 +67,14 @@ class Layout:
       interaction_columns: column names of the interactions file, in file order.
       user_columns: column names of the users file, in file order (empty without one).
       item_columns: column names of the items file, in file order (empty without one).
-      attributes: user attribute names in the order of the spec and the serving inputs
-        (after `drop_attributes`; includes derived ones such as `zip_region`).
+      attributes: user attribute names in the order of the spec (after `drop_attributes`;
+        includes derived ones such as `zip_region`, whose serving input is their raw column).
       kinds: attribute -> kind, for the attributes whose kind does not depend on the data
         (fixed by the MovieLens layouts or forced by config); the rest are inferred.
+      derived: derived attribute -> (raw users column, derivation name of
+        `recsys_cvae.derivations`), e.g. MovieLens' zip_region -> ("zip_code",
+        "first_char_upper"); `parse` applies them and the feature spec records them, so
+        the serving signatures take the raw column.
       encoding: text encoding of the files (latin-1 for MovieLens, UTF-8 otherwise).
       raw_interaction_columns: the CSV interactions header as written (to spot it repeated).
     """
@@ -82,6 +87,7 @@ class Layout:
     item_columns: tuple[str, ...] = ()
     attributes: tuple[str, ...] = ()
     kinds: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    derived: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
     encoding: str = "utf-8"
     raw_interaction_columns: tuple[str, ...] = ()
 
@@ -152,7 +158,13 @@ class Layout:
             values = movielens.ml_1m_user(fields)
         else:
             values = fields
-        attributes = {name: values.get(name, "") for name in self.attributes}
+        attributes = {}
+        for name in self.attributes:
+            if name in self.derived:
+                column, derivation = self.derived[name]
+                attributes[name] = derive(derivation, values.get(column, ""))
+            else:
+                attributes[name] = values.get(name, "")
         check_attributes(attributes, self.kinds)
         return UserRow(user_id, attributes)
 
@@ -230,6 +242,7 @@ def _read_columns(name: str, data_dir: str, paths: dict[str, str]) -> Layout:
             item_columns=columns[ITEMS] if ITEMS in paths else (),
             attributes=tuple(movielens.KINDS[name]) if USERS in paths else (),
             kinds=dict(movielens.KINDS[name]),
+            derived=dict(movielens.DERIVED[name]),
             encoding=movielens.ENCODING,
         )
     headers = generic_tables.read_headers(name, paths)
@@ -268,13 +281,20 @@ def _apply_overrides(
     both = sorted(set(categorical) & set(numeric))
     if both:
         raise InputError(f"features.categorical and features.numeric both name {both}")
+    derived_numeric = sorted(set(numeric) & set(layout.derived))
+    if derived_numeric:
+        raise InputError(
+            f"{where}: features.numeric names {derived_numeric}, derived from a column as "
+            "strings (categorical only)"
+        )
     attributes = tuple(a for a in available if a not in set(drop_attributes))
     _check_attribute_names(where, attributes)
     kinds = dict(layout.kinds)
     kinds.update({a: CATEGORICAL for a in categorical})
     kinds.update({a: NUMERIC for a in numeric})
     kinds = {a: k for a, k in kinds.items() if a in attributes}
-    return dataclasses.replace(layout, attributes=attributes, kinds=kinds)
+    derived = {a: how for a, how in layout.derived.items() if a in attributes}
+    return dataclasses.replace(layout, attributes=attributes, kinds=kinds, derived=derived)
 
 
 def _check_attribute_names(where: str, attributes: tuple[str, ...]) -> None:

@@ -2,8 +2,8 @@
 
 Why a module of its own: MovieLens files have no header, so everything `detect_layout` reads
 from a generic table's header is fixed here instead, and their users and items rows need
-layout-specific meaning (ML-1M age and occupation codes, ML-100K genre flags, the zip region)
-before the shared checks of `rows` apply. Nothing here opens a file.
+layout-specific meaning (ML-1M age and occupation codes, ML-100K genre flags, the zip region
+derived from the zip code) before the shared checks of `rows` apply. Nothing here opens a file.
 
     ml-100k   u.data (user\\titem\\trating\\ttimestamp), u.user (user|age|gender|occupation|zip),
               u.item (item|title|date|video date|url|19 genre flags), latin-1
@@ -17,6 +17,7 @@ from collections.abc import Mapping
 
 from recsys_cvae.datasets.errors import BadRow
 from recsys_cvae.datasets.rows import INTERACTIONS, ITEMS, USERS
+from recsys_cvae.derivations import FIRST_CHAR_UPPER
 from recsys_cvae.spec import CATEGORICAL, NUMERIC
 
 ML_100K = "ml-100k"
@@ -57,6 +58,8 @@ SEPARATORS = {
 # ML-100K: age is a number of years. zip_region keeps the first character of the zip code:
 # raw zips are ~800 near-unique values (one user each, nothing to learn), while the first
 # digit is a US postal region (0 = north-east ... 9 = west coast; letters = Canada).
+# It is derived (DERIVED below), so the serving signatures take the raw `zip_code` and
+# derive the region in the graph.
 KINDS = {
     ML_100K: {"age": NUMERIC, "gender": CATEGORICAL, "occupation": CATEGORICAL,
               "zip_region": CATEGORICAL},
@@ -65,20 +68,26 @@ KINDS = {
     ML_1M: {"gender": CATEGORICAL, "age": CATEGORICAL, "occupation": CATEGORICAL,
             "zip_region": CATEGORICAL},
 }  # fmt: skip
+# Derived attributes: attribute -> (raw users column, `recsys_cvae.derivations` name). The
+# Layout applies them to every users row and the feature spec records them.
+DERIVED = {
+    ML_100K: {"zip_region": ("zip_code", FIRST_CHAR_UPPER)},
+    ML_1M: {"zip_region": ("zip_code", FIRST_CHAR_UPPER)},
+}
 
 
 def ml_100k_user(fields: Mapping[str, str]) -> dict[str, str]:
-    """The attribute values of one u.user row (named fields), zip code cut to its region."""
+    """The raw profile values of one u.user row (named fields); `DERIVED` adds zip_region."""
     return {
         "age": fields["age"],
         "gender": fields["gender"],
         "occupation": fields["occupation"],
-        "zip_region": fields["zip_code"][:1].upper(),
+        "zip_code": fields["zip_code"],
     }
 
 
 def ml_1m_user(fields: Mapping[str, str]) -> dict[str, str]:
-    """The attribute values of one users.dat row (named fields), zip code cut to its region.
+    """The raw profile values of one users.dat row (named fields); `DERIVED` adds zip_region.
 
     Raises:
       BadRow: the age or occupation code is not one the ml-1m README defines.
@@ -91,7 +100,7 @@ def ml_1m_user(fields: Mapping[str, str]) -> dict[str, str]:
         "gender": fields["gender"],
         "age": fields["age"],
         "occupation": fields["occupation"],
-        "zip_region": fields["zip_code"][:1].upper(),
+        "zip_code": fields["zip_code"],
     }
 
 

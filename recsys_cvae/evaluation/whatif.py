@@ -43,12 +43,18 @@ def what_if(
         base[a.name] = spec.attribute_vocabulary(a.name)[0] if a.is_categorical else a.mean
     values = spec.attribute_vocabulary(attribute)[:variants]
     generate = tf.saved_model.load(version_dir).signatures["generate"]
-    inputs = {}
-    for a in spec.attributes:
-        column = values if a.name == attribute else [base[a.name]] * len(values)
-        inputs[a.name] = tf.constant(
-            column if a.is_categorical else np.asarray(column, dtype=np.float32)
-        )
+    columns = {
+        a.name: values if a.name == attribute else [base[a.name]] * len(values)
+        for a in spec.attributes
+    }
+    # The signature takes raw profile columns (`zip_code`, not `zip_region`); an attribute's
+    # value stands for its column, since derivations are projections.
+    raw = S.inputs_from_attributes(spec, columns)
+    inputs = {
+        i.name: tf.constant(raw[i.name] if i.is_categorical
+                            else np.asarray(raw[i.name], dtype=np.float32))
+        for i in S.serving_inputs(spec)
+    }
     outputs = generate(**inputs)
     item_ids = outputs["item_ids"].numpy()[:, :top_n]
     scores = outputs["scores"].numpy()[:, :top_n]

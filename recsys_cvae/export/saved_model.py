@@ -11,12 +11,19 @@ Signatures (K = min(`ExportConfig.top_k`, num_items), fixed at export):
 
     recommend (= serving_default)
         item_ids     tf.string  [batch, n]   the history; "" pads, unknown ids are ignored
-        <attribute>  tf.string  [batch]      categorical ("" or unseen value = unknown)
-        <attribute>  tf.float32 [batch]      numeric (NaN = unknown)
+        <column>     tf.string  [batch]      categorical ("" or unseen value = unknown)
+        <column>     tf.float32 [batch]      numeric (NaN = unknown)
       -> item_ids    tf.string  [batch, K]   best first, never an item of the history
          scores      tf.float32 [batch, K]
     generate     the attribute inputs only (cold start, what-if) -> item_ids, scores
     encode       the recommend inputs -> z_mean, z_log_var  tf.float32 [batch, latent_dim]
+
+The attribute inputs are the raw profile columns a caller holds (`spec.serving_inputs`), not
+the model's attributes: an attribute the feature job derived from a column (ML-100K's
+`zip_region` from `zip_code`, `AttributeSpec.derivation`) is computed in the graph from that
+column by `recsys_cvae.derivations.derive_tensor`, the twin of the feature job's Python, before
+the model's lookup layers; attributes derived from one column share its one input. The
+derivations are projections, so the derived value itself ("5") is a valid raw input too.
 
 Scores are log π_i, the log-softmax of the decoder logits over the whole catalogue (the
 Mult-VAE multinomial), so they are comparable across users and between `recommend` and
@@ -49,6 +56,7 @@ import tensorflow as tf
 
 from recsys_cvae import spec as S
 from recsys_cvae.config import ExportConfig
+from recsys_cvae.derivations import derive_tensor
 from recsys_cvae.model.catalogue_top_k import ONE_PIECE_MAX_LOGITS, catalogue_top_k, uses_chunks
 from recsys_cvae.model.model_dir import METRICS_FILE, load_trained_model, read_trained_on
 
@@ -115,7 +123,8 @@ class ServingModule(tf.Module):
             raise ExportError("the model has an empty item vocabulary; nothing to export")
         self.model = model
         self.attributes = tuple(model.spec.attributes)
-        _check_input_names(self.attributes)
+        self.inputs = tuple(S.serving_inputs(model.spec))
+        _check_input_names(self.inputs)
         self.top_k = min(int(top_k), len(item_ids))
         self.chunk_size = int(chunk_size) if uses_chunks(model, int(chunk_size)) else 0
         self.one_piece_max_logits = int(one_piece_max_logits)
@@ -130,10 +139,11 @@ class ServingModule(tf.Module):
     # ---- input specs -------------------------------------------------------------------
 
     def attribute_specs(self) -> dict[str, tf.TensorSpec]:
-        """One `[batch]` input per attribute, in spec order, named as the attribute."""
+        """One `[batch]` input per raw profile column (`spec.serving_inputs`), in spec order,
+        named as the column: tf.string, or tf.float32 for a numeric attribute."""
         return {
-            a.name: tf.TensorSpec([None], tf.string if a.is_categorical else tf.float32, a.name)
-            for a in self.attributes
+            i.name: tf.TensorSpec([None], tf.string if i.is_categorical else tf.float32, i.name)
+            for i in self.inputs
         }
 
     def recommend_specs(self) -> dict[str, tf.TensorSpec]:
@@ -153,8 +163,13 @@ class ServingModule(tf.Module):
     # ---- signature bodies --------------------------------------------------------------
 
     def _model_features(self, inputs: dict[str, tf.Tensor], history: bool) -> dict:
-        """Serving inputs -> the model's raw feature dict (`history_item_ids` + attributes)."""
-        features = {a.name: inputs[a.name] for a in self.attributes}
+        """Serving inputs -> the model's raw feature dict (`history_item_ids` + attributes):
+        each attribute is its column as sent, or derived from it in the graph."""
+        features = {
+            a.name: derive_tensor(a.derivation, inputs[a.serving_input])
+            if a.derivation is not None else inputs[a.serving_input]
+            for a in self.attributes
+        }
         if history:
             features[S.HISTORY] = inputs[HISTORY_INPUT]
         return features
@@ -186,17 +201,17 @@ class ServingModule(tf.Module):
         return {ITEM_IDS: item_ids, SCORES: scores}
 
 
-def _check_input_names(attributes: tuple[S.AttributeSpec, ...]) -> None:
-    for attribute in attributes:
-        if attribute.name == HISTORY_INPUT:
+def _check_input_names(inputs: tuple[S.ServingInput, ...]) -> None:
+    for serving_input in inputs:
+        if serving_input.name == HISTORY_INPUT:
             raise ExportError(
-                f"attribute {attribute.name!r} clashes with the history input of the "
+                f"attribute input {serving_input.name!r} clashes with the history input of the "
                 "serving signatures; rename the users-table column"
             )
-        if not _INPUT_NAME.match(attribute.name):
+        if not _INPUT_NAME.match(serving_input.name):
             raise ExportError(
-                f"attribute {attribute.name!r} cannot be a serving input name (letters, digits, "
-                "'_', '.', '-', '/' only); rename the users-table column"
+                f"attribute input {serving_input.name!r} cannot be a serving input name "
+                "(letters, digits, '_', '.', '-', '/' only); rename the users-table column"
             )
 
 
@@ -302,7 +317,8 @@ def _write_assets_extra(module: ServingModule, directory: str, trained_on: dict)
 
 
 def _write_warmup_requests(module: ServingModule, path: str) -> None:
-    """One PredictRequest per signature (one user: no history, unknown attributes).
+    """One PredictRequest per signature (one user: no history, unknown attribute inputs,
+    named as the raw columns the signatures take).
 
     TF Serving replays `assets.extra/tf_serving_warmup_requests` at load time, so the first
     real request does not pay for graph initialisation.
@@ -313,9 +329,9 @@ def _write_warmup_requests(module: ServingModule, path: str) -> None:
         logger.warning("tensorflow-serving-api is not installed; no warmup requests written")
         return
     attributes = {
-        a.name: tf.make_tensor_proto([""] if a.is_categorical else [math.nan],
-                                     tf.string if a.is_categorical else tf.float32)
-        for a in module.attributes
+        i.name: tf.make_tensor_proto([""] if i.is_categorical else [math.nan],
+                                     tf.string if i.is_categorical else tf.float32)
+        for i in module.inputs
     }
     history = {HISTORY_INPUT: tf.make_tensor_proto([[""]], tf.string)}
     with tf.io.TFRecordWriter(path) as writer:

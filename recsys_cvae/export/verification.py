@@ -48,8 +48,9 @@ VERIFY_TIMEOUT_S = 600
 def verify_export(export_dir: str, model_dir: str, num_users: int = 16) -> dict:
     """Checks the export against the in-process model, from a fresh Python process.
 
-    Takes up to `num_users` validation/test users (plus two edge cases: unknown and padded
-    history ids with unknown attribute values, and an empty history), computes what every
+    Takes up to `num_users` validation/test users (plus edge cases: unknown and padded
+    history ids with unknown attribute values, an empty history, and raw spellings of the
+    columns derived attributes come from; see `build_cases`), computes what every
     signature must return with the model loaded from `model_dir` (numpy top-K, independent of
     the serving graph), writes inputs and expectations to a JSON file and runs
     `python -m serving.verify_export`, which loads the export with `tf.saved_model.load`
@@ -125,26 +126,45 @@ def build_cases(model: tf.keras.Model, users: list[dict], top_k: int) -> dict:
     """Inputs and expected outputs of every signature for `users` (decoded records).
 
     Two edge cases are appended: a history of one known id, an unknown id and "" padding
-    with every attribute unknown; and an all-padding history. Expected rankings are
-    computed here with numpy from the model's logits and a Python history set, not with
-    the serving graph, so the check covers masking, top-K and the id lookup.
+    with every attribute input unknown; and an all-padding history. When the spec has
+    derived attributes, a third: the first user with each derived attribute's column
+    spelled as a raw profile would hold it (`_raw_spelling`). Signature inputs are the raw
+    columns (`spec.serving_inputs`; a record's derived value stands for its column, as the
+    derivations are projections); the model's attributes are derived from them in Python
+    (`spec.attributes_from_inputs`), so the check covers the graph's derivations too.
+    Expected rankings are computed here with numpy from the model's logits and a Python
+    history set, not with the serving graph, so the check covers masking, top-K and the id
+    lookup.
     """
+    spec: S.FeatureSpec = model.spec
     item_ids = list(model.item_ids)
-    attributes = list(model.spec.attributes)
-    unknown = {a.name: "" if a.is_categorical else math.nan for a in attributes}
-    first_user = users[0] if users else unknown
-    rows = [*users,
-            {S.HISTORY: [item_ids[0], "no-such-item-id", ""], **unknown},
-            {**first_user, S.HISTORY: []}]
-    width = max(1, max(len(r[S.HISTORY]) for r in rows))
-    history = [list(r[S.HISTORY]) + [""] * (width - len(r[S.HISTORY])) for r in rows]
-    attribute_values = {
-        a.name: [str(r[a.name]) if a.is_categorical else float(r[a.name]) for r in rows]
+    attributes = list(spec.attributes)
+    serving_inputs = S.serving_inputs(spec)
+    unknown = {i.name: "" if i.is_categorical else math.nan for i in serving_inputs}
+    first_user = S.inputs_from_attributes(spec, users[0]) if users else unknown
+    first_history = list(users[0][S.HISTORY]) if users else []
+    rows = [(list(u[S.HISTORY]), S.inputs_from_attributes(spec, u)) for u in users]
+    rows += [([item_ids[0], "no-such-item-id", ""], unknown), ([], first_user)]
+    derived_columns = {a.serving_input for a in attributes if a.is_derived}
+    if derived_columns:
+        rows.append((first_history, {
+            name: _raw_spelling(value) if name in derived_columns else value
+            for name, value in first_user.items()
+        }))
+    width = max(1, max(len(h) for h, _ in rows))
+    history = [h + [""] * (width - len(h)) for h, _ in rows]
+    input_values = {
+        i.name: [str(r[i.name]) if i.is_categorical else float(r[i.name]) for _, r in rows]
+        for i in serving_inputs
+    }
+    derived_rows = [S.attributes_from_inputs(spec, r) for _, r in rows]
+    features = {
+        a.name: tf.constant(
+            [str(r[a.name]) if a.is_categorical else float(r[a.name]) for r in derived_rows],
+            tf.string if a.is_categorical else tf.float32,
+        )
         for a in attributes
     }
-    features = {a.name: tf.constant(attribute_values[a.name],
-                                    tf.string if a.is_categorical else tf.float32)
-                for a in attributes}
     history_features = {**features, S.HISTORY: tf.constant(history, tf.string)}
 
     index = {item: i for i, item in enumerate(item_ids)}
@@ -161,7 +181,7 @@ def build_cases(model: tf.keras.Model, users: list[dict], top_k: int) -> dict:
     )
     z_mean, z_log_var = model.encode(history_features)
 
-    recommend_inputs = {HISTORY_INPUT: history, **attribute_values}
+    recommend_inputs = {HISTORY_INPUT: history, **input_values}
     recommend_case = {"inputs": recommend_inputs, **recommend}
     return {
         "top_k": top_k,
@@ -170,12 +190,18 @@ def build_cases(model: tf.keras.Model, users: list[dict], top_k: int) -> dict:
         "signatures": {
             SERVING_DEFAULT: recommend_case,
             RECOMMEND: recommend_case,
-            GENERATE: {"inputs": attribute_values, **generate},
+            GENERATE: {"inputs": input_values, **generate},
             ENCODE: {"inputs": recommend_inputs,
                      "expected": {Z_MEAN: z_mean.numpy().tolist(),
                                   Z_LOG_VAR: z_log_var.numpy().tolist()}},
         },
     }
+
+
+def _raw_spelling(value: str) -> str:
+    """A raw column value a derivation must reduce: the stored derived value lower-cased and
+    lengthened ("5" -> "50 raw", "T" -> "t0 raw"), as a client's profile would hold it."""
+    return f"{value.lower()}0 raw"
 
 
 def _expected_top_k(logits: np.ndarray, seen: np.ndarray, item_ids: list[str],

@@ -374,3 +374,34 @@ def test_multi_processing_runner_writes_identical_files(tmp_path):
     )  # fmt: skip
     a, b = feature_files(str(tmp_path / "a")), feature_files(str(tmp_path / "b"))
     assert len(a) > 10 and a == b
+
+
+def test_job_on_ml_100k_records_the_zip_region_derivation(tmp_path):
+    """u.user holds zip_code; the spec says zip_region derives from it, the records hold it."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    zips = ["55105", "e1a 2b3", "", "94110", "T8H1N", "02139"] * 5
+    (raw / "u.user").write_text("".join(
+        f"{u}|{20 + u}|{'MF'[u % 2]}|writer|{z}\n" for u, z in enumerate(zips, start=1)
+    ))  # fmt: skip
+    (raw / "u.data").write_text("".join(
+        f"{u}\t{(u + k) % 8 + 1}\t4\t{880000000 + 1000 * u + k}\n"
+        for u in range(1, len(zips) + 1) for k in range(5)
+    ))  # fmt: skip
+    out = str(tmp_path / "features")
+    config = dataclasses.replace(SMALL, protocols=["strong", "cold"])
+    spec = job.build_features(str(raw), out, config, quiet=True)
+    with open(os.path.join(out, S.SPEC_FILE)) as f:
+        written = {a["name"]: a for a in json.load(f)["attributes"]}
+    assert written["zip_region"]["derived_from"] == "zip_code"
+    assert written["zip_region"]["derivation"] == "first_char_upper"
+    assert "derived_from" not in written["gender"] and "derivation" not in written["age"]
+    assert sorted(spec.attribute_vocabulary("zip_region")) == ["0", "5", "9", "E", "T"]
+    assert [(i.name, i.attributes) for i in S.serving_inputs(spec)] == [
+        ("age", ("age",)), ("gender", ("gender",)), ("occupation", ("occupation",)),
+        ("zip_code", ("zip_region",)),
+    ]  # fmt: skip
+    by_user = {}
+    for split in spec.splits:
+        by_user.update({r["user_id"]: r["zip_region"] for r in read_feature_split(spec, split)})
+    assert by_user == {str(u): z[:1].upper() for u, z in enumerate(zips, start=1)}

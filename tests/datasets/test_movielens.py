@@ -23,6 +23,8 @@ def test_ml_100k(tmp_path):
     assert layout.name == L.ML_100K and layout.has_rating and layout.has_timestamp
     assert layout.attributes == ("age", "gender", "occupation", "zip_region")
     assert layout.kinds["age"] == "numeric" and layout.kinds["zip_region"] == "categorical"
+    # zip_region is derived from the raw zip_code column; the spec and the export say so.
+    assert layout.derived == {"zip_region": ("zip_code", "first_char_upper")}
     assert parsed_rows(layout, L.INTERACTIONS) == [
         (1, L.Interaction("196", "242", 3.0, 881250949.0)),
         (2, L.Interaction("186", "302", 3.0, 891717742.0)),
@@ -32,6 +34,8 @@ def test_ml_100k(tmp_path):
         2,
         L.UserRow("2", {"age": "53", "gender": "F", "occupation": "other", "zip_region": "T"}),
     )
+    assert layout.parse(L.USERS, b"3|30|M|writer|e1a 2b3").attributes["zip_region"] == "E"
+    assert layout.parse(L.USERS, b"4|30|M|writer|").attributes["zip_region"] == ""
     items = L.read_items(layout)
     assert items["242"]["genres"] == "Comedy" and items["302"]["title"] == "Café (1997)"
     with pytest.raises(L.BadRow) as bad:
@@ -65,3 +69,12 @@ def test_ml_1m(tmp_path):
     assert L.read_items(layout) == {
         "1193": {"title": "Nausicaä (1984)", "genres": "Animation|Fantasy"}
     }
+
+
+def test_derived_attributes_follow_the_overrides(tmp_path):
+    write_raw(tmp_path / "u.data", "196\t242\t3\t881250949\n")
+    write_raw(tmp_path / "u.user", "1|24|M|technician|85711\n")
+    dropped = L.detect_layout(str(tmp_path), drop_attributes=["zip_region"])
+    assert "zip_region" not in dropped.attributes and dropped.derived == {}
+    with pytest.raises(L.InputError, match=r"features.numeric names \['zip_region'\], derived"):
+        L.detect_layout(str(tmp_path), numeric=["zip_region"])
