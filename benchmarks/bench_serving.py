@@ -72,13 +72,18 @@ def make_inputs(export_dir: str, batch: int) -> dict:
     inputs = {"item_ids": np.array(
         [rng.choice(items, HISTORY_WIDTH, replace=False) for _ in range(batch)], dtype=object)}
     for attribute in spec["attributes"]:
+        # A derived attribute is sent as its raw column (`spec.serving_inputs`); its stored
+        # values stand in for raw ones, as every derivation is a projection.
+        name = attribute.get("derived_from") or attribute["name"]
+        if name in inputs:
+            continue
         if attribute["kind"] == "categorical":
             path = os.path.join(export_dir, "assets.extra", attribute["vocabulary_file"])
             with open(path) as f:
                 values = [line.rstrip("\n") for line in f if line.strip()] or [""]
-            inputs[attribute["name"]] = np.array(rng.choice(values, batch), dtype=object)
+            inputs[name] = np.array(rng.choice(values, batch), dtype=object)
         else:
-            inputs[attribute["name"]] = rng.uniform(18, 60, batch).astype(np.float32)
+            inputs[name] = rng.uniform(18, 60, batch).astype(np.float32)
     return {k: (v.astype(bytes) if v.dtype == object else v) for k, v in inputs.items()}
 
 
