@@ -281,7 +281,9 @@ def run_pipeline(data_dir: str, workdir: str, cwd: str, extra: list[str]) -> dic
         output = f.read()
     if code != 0:
         status = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
-        lines = [line for line in output.splitlines() if "Unknown - " not in line]
+        # Keras progress bars: backspaces, and one line per step; keep the log's own lines
+        lines = [line for line in output.replace("\x08", "").splitlines()
+                 if line.strip() and " - ETA: " not in line and "Unknown - " not in line]
         raise PipelineFailed(f"{shlex.join(command)} after {seconds:.0f} s:\n"
                              + "\n".join(lines[-25:])[-2500:] + f"\n[{status}]")  # fmt: skip
     _, found, rest = output.partition("Stage durations")
@@ -324,6 +326,15 @@ def newest_export(workdir: str) -> str:
     if not versions:
         raise RuntimeError(f"no integer version folder in {base}: {sorted(os.listdir(base))}")
     return os.path.join(base, str(max(versions)))
+
+
+def export_trained_on(export_dir: str) -> dict | None:
+    """What fitted the served model, as the export declares it (assets.extra), if it does."""
+    path = os.path.join(export_dir, "assets.extra", "export_info.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("trained_on")
 
 
 def product_report(workdir: str) -> dict:
@@ -597,6 +608,7 @@ def evaluate_seed(
         "pipeline_command": shlex.join(run["command"]),
         "stage_table": run["stage_table"],
         "export": export_dir if keep else os.path.basename(export_dir),
+        "export_trained_on": export_trained_on(export_dir),
         "signature_inputs": signature_inputs,
         "contract_failures": failures,
         "training_interactions": int(split.keep_line.sum()),
