@@ -4,7 +4,7 @@ Why: building protobuf objects costs ~150 µs per user record in Python; at 20M 
 the job writes about a million records. The wire format of an Example with string lists and
 one float per attribute is short to write by hand, and items repeat across users, so each
 item's encoded entry is built once per bucket and records are joins of cached pieces.
-`S.encode_user_example` stays the reference: a test checks byte equality.
+`user_records.encode_user_example` stays the reference: a test checks byte equality.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class ExampleEncoder:
         attribute_values: Mapping[str, Any],
         history_weights: list[float] | None = None,
     ) -> bytes:
-        """The same bytes as `S.encode_user_example` with the same arguments."""
+        """The same bytes as `user_records.encode_user_example` with the same arguments."""
         features = {
             S.USER_ID: _field(1, _field(1, user_id.encode("utf-8"))),
             S.HISTORY: self._bytes_feature(history_item_ids),

@@ -24,9 +24,12 @@ is computed inside the serving graph from that column. `serving_inputs` is the o
 from the spec's attributes to the signatures' inputs; every caller that builds inputs (the
 export, its verification, batch candidates, the what-if panel) goes through it.
 
-Why one file of ~450 lines: the spec, the Example codec that writes and reads its records
-(`encode_user_example`, `decode_user_example`) and the vocabulary files are one contract that
-the Beam job writes and every stage reads; kept together they cannot drift apart.
+How one record is written and read back is `recsys_cvae.user_records`.
+
+Why one file of ~530 lines: the spec, its validation of derived attributes and the mapping
+of its attributes to serving inputs are one contract — a spec that the mapping cannot serve
+is refused when it is built (`FeatureSpec.__post_init__`), so the two cannot live in modules
+that import each other — and the vocabulary and text-file helpers every stage reads it with.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import json
 import math
 import os
 import posixpath
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 from recsys_cvae import derivations as D
@@ -492,99 +495,6 @@ def attributes_from_inputs(spec: FeatureSpec, inputs: Mapping[str, Any]) -> dict
             value = D.derive(attribute.derivation, "" if value is None else str(value))
         values[attribute.name] = value
     return values
-
-
-# ---- one user record ----------------------------------------------------------------------
-
-
-def encode_user_example(
-    spec_attributes: Iterable[AttributeSpec],
-    user_id: str,
-    history_item_ids: Iterable[str],
-    target_item_ids: Iterable[str],
-    attribute_values: Mapping[str, Any],
-    history_weights: Iterable[float] | None = None,
-) -> bytes:
-    """Serialises one user as a `tf.train.Example` (see the module docstring).
-
-    Missing attribute values become "" (categorical) or NaN (numeric): "unknown".
-    Uses the protobuf classes directly, so Beam workers need no TensorFlow graph.
-    """
-    from tensorflow.core.example import example_pb2, feature_pb2
-
-    def bytes_feature(values: Iterable[str]) -> feature_pb2.Feature:
-        return feature_pb2.Feature(
-            bytes_list=feature_pb2.BytesList(value=[v.encode("utf-8") for v in values])
-        )
-
-    feature = {
-        USER_ID: bytes_feature([user_id]),
-        HISTORY: bytes_feature(history_item_ids),
-        TARGETS: bytes_feature(target_item_ids),
-    }
-    if history_weights is not None:
-        feature[HISTORY_WEIGHTS] = feature_pb2.Feature(
-            float_list=feature_pb2.FloatList(value=list(history_weights))
-        )
-    for attribute in spec_attributes:
-        value = attribute_values.get(attribute.name)
-        if attribute.is_categorical:
-            feature[attribute.name] = bytes_feature(["" if value is None else str(value)])
-        else:
-            number = math.nan if value is None or value == "" else float(value)
-            feature[attribute.name] = feature_pb2.Feature(
-                float_list=feature_pb2.FloatList(value=[number])
-            )
-    example = example_pb2.Example(features=feature_pb2.Features(feature=feature))
-    return example.SerializeToString(deterministic=True)  # sorted map keys: same bytes every run
-
-
-def decode_user_example(serialized: bytes, spec_attributes: Iterable[AttributeSpec]) -> dict:
-    """The inverse of `encode_user_example`, in plain Python (for Beam and evaluation)."""
-    from tensorflow.core.example import example_pb2
-
-    example = example_pb2.Example.FromString(serialized)
-    feature = example.features.feature
-
-    def strings(name: str) -> list[str]:
-        return (
-            [v.decode("utf-8") for v in feature[name].bytes_list.value] if name in feature else []
-        )
-
-    record: dict[str, Any] = {
-        USER_ID: strings(USER_ID)[0],
-        HISTORY: strings(HISTORY),
-        TARGETS: strings(TARGETS),
-    }
-    if HISTORY_WEIGHTS in feature:
-        record[HISTORY_WEIGHTS] = list(feature[HISTORY_WEIGHTS].float_list.value)
-    for attribute in spec_attributes:
-        if attribute.is_categorical:
-            values = strings(attribute.name)
-            record[attribute.name] = values[0] if values else ""
-        else:
-            values = (
-                list(feature[attribute.name].float_list.value) if attribute.name in feature else []
-            )
-            record[attribute.name] = values[0] if values else math.nan
-    return record
-
-
-def read_user_records(spec: FeatureSpec, split: str) -> Iterator[dict]:
-    """Decoded user records of one split (see `decode_user_example`), file by file.
-
-    For in-process readers of small splits (evaluation, baselines, export checks); training
-    reads through tf.data instead.
-    """
-    import tensorflow as tf
-
-    pattern = spec.split_pattern(split)
-    files = sorted(tf.io.gfile.glob(pattern))
-    if not files:
-        raise SpecError(f"{pattern}: no TFRecord files for split {split!r}")
-    dataset = tf.data.TFRecordDataset(files, compression_type="GZIP")
-    for serialized in dataset.as_numpy_iterator():
-        yield decode_user_example(serialized, spec.attributes)
 
 
 # ---- files (Beam/TF file systems, so gs:// works) -------------------------------------------

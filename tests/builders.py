@@ -17,6 +17,7 @@ from tensorflow_serving.apis import predict_pb2
 
 from recsys_cvae import candidates_format as C
 from recsys_cvae import spec as S
+from recsys_cvae import user_records as UR
 from recsys_cvae.config import Config
 from recsys_cvae.datasets import layouts as L
 from recsys_cvae.metrics import ranking_metrics
@@ -50,7 +51,7 @@ def write_tiny_features(directory: str, users=TINY_USERS, files: int = 1) -> S.F
         with tf.io.TFRecordWriter(path, options="GZIP") as writer:
             for user_id, history, targets, region, age in users[f::files]:
                 values = {"region": region, "age": age}
-                writer.write(S.encode_user_example(attributes, user_id, history, targets, values))
+                writer.write(UR.encode_user_example(attributes, user_id, history, targets, values))
     spec = S.FeatureSpec(
         attributes=attributes,
         item_vocabulary_file="vocab/items.txt",
@@ -85,7 +86,7 @@ def write_toy_features(
         path = os.path.join(directory, split, "part-00000-of-00001.tfrecord.gz")
         with tf.io.TFRecordWriter(path, options="GZIP") as writer:
             for user_id, history, targets, attrs in rows:
-                writer.write(S.encode_user_example(attributes, user_id, history, targets, attrs))
+                writer.write(UR.encode_user_example(attributes, user_id, history, targets, attrs))
         splits[split] = S.SplitSpec(f"{split}/part-*.tfrecord.gz", len(rows))
     S.FeatureSpec(attributes, "vocab/items.txt", len(items), splits).save(directory)
     return S.FeatureSpec.load(directory)
@@ -226,7 +227,7 @@ def write_zip_features(directory: str) -> S.FeatureSpec:
             for user_id, history, targets, profile in rows:
                 values = {"gender": profile["gender"], "age": profile["age"],
                           "zip_region": profile["zip_code"][:1].upper()}
-                writer.write(S.encode_user_example(attributes, user_id, history, targets, values))
+                writer.write(UR.encode_user_example(attributes, user_id, history, targets, values))
         splits[split] = S.SplitSpec(f"{split}/part-*.tfrecord.gz", len(rows))
     S.FeatureSpec(attributes, "vocab/items.txt", len(ZIP_ITEMS), splits).save(directory)
     return S.FeatureSpec.load(directory)
@@ -255,7 +256,7 @@ def read_feature_split(spec: S.FeatureSpec, split: str) -> list[dict]:
     records = []
     for path in sorted(glob.glob(spec.split_pattern(split))):
         for serialized in tf.data.TFRecordDataset(path, compression_type="GZIP"):
-            records.append(S.decode_user_example(serialized.numpy(), spec.attributes))
+            records.append(UR.decode_user_example(serialized.numpy(), spec.attributes))
     return records
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from recsys_cvae import spec as S
+from recsys_cvae import user_records as UR
 from recsys_cvae.histories import Histories
 from recsys_cvae.ranking import SharedScores
 
@@ -49,7 +50,7 @@ def load_split(spec: S.FeatureSpec, split: str, item_index: dict[str, int]) -> S
     rows: list[np.ndarray] = []
     truth: dict[str, set[str]] = {}
     attributes: dict[str, list[Any]] = {name: [] for name in spec.attribute_names}
-    for record in S.read_user_records(spec, split):
+    for record in UR.read_user_records(spec, split):
         user_ids.append(record[S.USER_ID])
         known = [item_index[i] for i in record[S.HISTORY] if i in item_index]
         rows.append(np.unique(np.array(known, dtype=np.int32)))

@@ -45,6 +45,7 @@ from recsys_cvae import candidates_format as C
 from recsys_cvae import metrics as M
 from recsys_cvae import protocols as P
 from recsys_cvae import spec as S
+from recsys_cvae import user_records as UR
 from recsys_cvae.config import EvaluateConfig
 from recsys_cvae.datasets.item_metadata import item_categories
 from recsys_cvae.evaluation import scoring as Sc
@@ -70,7 +71,7 @@ def load_truth(spec: S.FeatureSpec, split: str) -> tuple[dict[str, set[str]], in
     """({user_id: held-out item ids} for users with targets, number of users without)."""
     truth: dict[str, set[str]] = {}
     without_targets = 0
-    for record in S.read_user_records(spec, split):
+    for record in UR.read_user_records(spec, split):
         if record[S.TARGETS]:
             truth[record[S.USER_ID]] = set(record[S.TARGETS])
         else:
@@ -109,7 +110,7 @@ def load_truth_table(
     """The split as a `scoring.Truth` (users with targets) and the number of users without."""
     user_ids, targets, histories, without = [], [], [], 0
     attributes: dict[str, list] = {a.name: [] for a in spec.attributes}
-    for record in S.read_user_records(spec, split):
+    for record in UR.read_user_records(spec, split):
         wanted = [item_index[i] for i in record[S.TARGETS] if i in item_index]
         if not wanted:
             without += 1
@@ -144,7 +145,7 @@ def train_popularity(spec: S.FeatureSpec, split: str, item_index: Mapping[str, i
     """([num_items] training users per item, number of training users) of a train split."""
     counts = np.zeros(len(item_index), dtype=np.int64)
     users = 0
-    for record in S.read_user_records(spec, split):
+    for record in UR.read_user_records(spec, split):
         users += 1
         for item in set(record[S.HISTORY]) | set(record[S.TARGETS]):
             if item in item_index:

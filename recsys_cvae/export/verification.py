@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from recsys_cvae import spec as S
+from recsys_cvae import user_records as UR
 from recsys_cvae.export.saved_model import (
     ASSETS_EXTRA,
     ENCODE,
@@ -116,7 +117,7 @@ def _verification_users(spec: S.FeatureSpec, num_users: int) -> list[dict]:
     for split in order:
         if not tf.io.gfile.glob(spec.split_pattern(split)):
             continue
-        users.extend(itertools.islice(S.read_user_records(spec, split), num_users - len(users)))
+        users.extend(itertools.islice(UR.read_user_records(spec, split), num_users - len(users)))
         if len(users) >= num_users:
             break
     return users

@@ -164,11 +164,12 @@ def test_two_tower_writes_candidates_without_history_and_learns_on_synthetic(
     names = ["two_tower", "popularity"]
     assert B.build_baselines(features_dir, out, Config(evaluate=config), k=20, names=names)
     from recsys_cvae import spec as S
+    from recsys_cvae import user_records as UR
     from recsys_cvae.evaluation.evaluate import load_truth
     from recsys_cvae.metrics import score_rankings
 
     spec = S.FeatureSpec.load(features_dir)
-    histories = {r[S.USER_ID]: set(r[S.HISTORY]) for r in S.read_user_records(spec, "test")}
+    histories = {r[S.USER_ID]: set(r[S.HISTORY]) for r in UR.read_user_records(spec, "test")}
     rows = {u: ids for u, ids, _, _ in C.iter_rows(C.split_files(out, "two_tower", "test"))}
     assert set(rows) == set(histories)
     assert all(len(ids) == 20 and not set(ids) & histories[u] for u, ids in rows.items())

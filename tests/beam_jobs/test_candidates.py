@@ -27,6 +27,7 @@ from beam_jobs import candidates as job
 from beam_jobs import signature_inference as SI
 from recsys_cvae import candidates_format as C
 from recsys_cvae import spec as S
+from recsys_cvae import user_records as UR
 
 TOP_K = 10
 
@@ -119,8 +120,8 @@ def test_parse_users_pads_histories_and_marks_unknowns(features_dir):
     spec = S.FeatureSpec.load(features_dir)
     known = {"age": 30.0, "region": "north", "device": "ios", "plan": "free"}
     serialized = tf.constant([
-        S.encode_user_example(spec.attributes, "u1", ["a", "b", "c"], ["t"], known),
-        S.encode_user_example(spec.attributes, "u2", [], [], {}),
+        UR.encode_user_example(spec.attributes, "u1", ["a", "b", "c"], ["t"], known),
+        UR.encode_user_example(spec.attributes, "u2", [], [], {}),
     ])  # fmt: skip
     user_ids, inputs = SI.parse_users(serialized, spec, with_history=True)
     assert user_ids.numpy().tolist() == [b"u1", b"u2"]
@@ -142,7 +143,7 @@ def test_parse_users_matches_the_python_decode_of_every_record(features_dir):
     serialized = read_serialized(spec, "test")
     user_ids, inputs = SI.parse_users(tf.constant(serialized), spec, with_history=True)
     for row, example in enumerate(serialized):
-        record = S.decode_user_example(example, spec.attributes)
+        record = UR.decode_user_example(example, spec.attributes)
         assert user_ids[row].numpy().decode() == record[S.USER_ID]
         history = [i.decode() for i in inputs["item_ids"][row].numpy().tolist() if i]
         assert history == record[S.HISTORY]
@@ -170,7 +171,7 @@ def test_handler_drops_the_padding_when_a_history_leaves_fewer_than_k_items(
         inference[C.USER_ID], inference[C.ITEM_IDS], inference[C.SCORES], "m"
     ).to_pylist()
     for example, row in zip(batch, rows, strict=True):
-        record = S.decode_user_example(example, spec.attributes)
+        record = UR.decode_user_example(example, spec.attributes)
         assert row[C.USER_ID] == record[S.USER_ID]
         # Every item not in the history, once; the "" / -inf tail of the K slots is gone.
         assert sorted(row[C.ITEM_IDS]) == sorted(set(items) - set(record[S.HISTORY]))
@@ -302,7 +303,7 @@ def test_pipeline_writes_candidates_from_recommend_and_generate(
         paths = C.split_files(output_dir, "cvae", split)
         assert paths and all(pq.read_schema(p).equals(C.SCHEMA) for p in paths)
         rows = {user: (ids, scores, model) for user, ids, scores, model in C.iter_rows(paths)}
-        records = list(S.read_user_records(spec, split))
+        records = list(UR.read_user_records(spec, split))
         assert sorted(rows) == sorted(r[S.USER_ID] for r in records)
         for record in records:
             ids, scores, model = rows[record[S.USER_ID]]
@@ -314,7 +315,7 @@ def test_pipeline_writes_candidates_from_recommend_and_generate(
             np.testing.assert_allclose(scores, expected_scores, rtol=1e-6)
 
     # Cold users went through `generate`: empty history, so the region's item leads.
-    cold = next(r for r in S.read_user_records(spec, "cold") if r["region"] in regions)
+    cold = next(r for r in UR.read_user_records(spec, "cold") if r["region"] in regions)
     ids, scores, _ = next(
         (i, s, m)
         for u, i, s, m in C.iter_rows(C.split_files(output_dir, "cvae", "cold"))

@@ -14,6 +14,7 @@ import pytest
 from beam_jobs import feature_reading as R
 from beam_jobs import features as job
 from recsys_cvae import spec as S
+from recsys_cvae import user_records as UR
 from recsys_cvae.config import FeaturesConfig
 from recsys_cvae.datasets import layouts as L
 
@@ -92,7 +93,7 @@ def test_malformed_corpus_every_case_dead_lettered_and_good_rows_kept(tmp_path):
             import tensorflow as tf
 
             for serialized in tf.data.TFRecordDataset(path, compression_type="GZIP"):
-                r = S.decode_user_example(serialized.numpy(), spec.attributes)
+                r = UR.decode_user_example(serialized.numpy(), spec.attributes)
                 if split in ("train", "validation", "test", "cold"):
                     items[r["user_id"]] = sorted(r["history_item_ids"] + r["target_item_ids"])
     assert items == {"u1": ["i1"], "u2": ["i1", "i2", "i3"], "u3": ["i1", "i2"]}

@@ -21,6 +21,7 @@ from beam_jobs.example_encoding import ExampleEncoder
 from beam_jobs.feature_buckets import prepare_bucket
 from beam_jobs.feature_reading import DEAD, INTERACTION_SCHEMA, ReadLog
 from recsys_cvae import spec as S
+from recsys_cvae import user_records as UR
 from recsys_cvae.config import ConfigError, FeaturesConfig
 from recsys_cvae.datasets import layouts as L
 from recsys_cvae.datasets.synthetic import write_synthetic
@@ -223,9 +224,9 @@ def test_example_encoder_matches_protobuf_bytes():
         ("u3", [f"i{n}" for n in range(300)], ["x"], {"plan": None, "age": 1e30}),
     ]
     for case in cases:
-        assert encoder.encode(*case) == S.encode_user_example(attributes, *case)
+        assert encoder.encode(*case) == UR.encode_user_example(attributes, *case)
         for weights in ([], [0.25] * len(case[1])):  # optional recency weights
-            assert encoder.encode(*case, weights) == S.encode_user_example(
+            assert encoder.encode(*case, weights) == UR.encode_user_example(
                 attributes, *case, weights
             )
 

@@ -22,6 +22,7 @@ from beam_jobs import candidates as candidates_job
 from beam_jobs import signature_inference as SI
 from recsys_cvae import candidates_format as C
 from recsys_cvae import spec as S
+from recsys_cvae import user_records as UR
 from recsys_cvae.config import ModelConfig
 from recsys_cvae.evaluation.whatif import what_if
 from recsys_cvae.export import saved_model as E
@@ -149,8 +150,8 @@ def test_the_verifier_checks_raw_spellings_in_a_fresh_process(zip_model, zip_spe
 
 
 def test_parse_users_feeds_the_stored_region_as_zip_code(zip_spec):
-    records = list(S.read_user_records(zip_spec, S.TEST))
-    serialized = [S.encode_user_example(zip_spec.attributes, r[S.USER_ID], r[S.HISTORY],
+    records = list(UR.read_user_records(zip_spec, S.TEST))
+    serialized = [UR.encode_user_example(zip_spec.attributes, r[S.USER_ID], r[S.HISTORY],
                                         r[S.TARGETS], r) for r in records]
     _, inputs = SI.parse_users(tf.constant(serialized), zip_spec, with_history=True)
     assert sorted(inputs) == ["age", "gender", "item_ids", "zip_code"]
@@ -170,7 +171,7 @@ def test_batch_candidates_match_clients_sending_raw_profiles(zip_spec, zip_expor
     profiles = zip_profiles()
     for split, signature in (("test", "recommend"), ("cold", "generate")):
         rows = sorted(C.iter_rows(C.split_files(output_dir, "cvae", split)))
-        records = {r[S.USER_ID]: r for r in S.read_user_records(zip_spec, split)}
+        records = {r[S.USER_ID]: r for r in UR.read_user_records(zip_spec, split)}
         users = [user for user, _, _, _ in rows]
         assert sorted(records) == users
         # What a TF Serving client holding the raw u.user columns gets, user by user.

@@ -16,6 +16,7 @@ import tensorflow as tf
 from recsys_cvae import candidates_format as C
 from recsys_cvae import protocols as P
 from recsys_cvae import spec as S
+from recsys_cvae import user_records as UR
 from recsys_cvae.cli import main
 from recsys_cvae.config import Config
 from recsys_cvae.pipeline.cvae_runs import forget_sources, plan_models
@@ -153,7 +154,7 @@ def test_stages_by_hand_give_each_protocol_its_own_cvae(features_dir, tmp_path):
     assert not C.split_files(candidates, "cvae", "temporal_test")
 
     # The weak_test candidates are the weak export's answers, not the primary export's.
-    users = list(S.read_user_records(spec, "weak_test"))[:16]
+    users = list(UR.read_user_records(spec, "weak_test"))[:16]
     written = {
         user: items
         for user, items, _, _ in C.iter_rows(C.split_files(candidates, "cvae", "weak_test"))

@@ -8,6 +8,7 @@ import os
 
 from recsys_cvae import protocols as P
 from recsys_cvae import spec as S
+from recsys_cvae import user_records as UR
 from recsys_cvae.config import Config
 from recsys_cvae.training.dataset import make_dataset
 from recsys_cvae.training.refit import refit, refit_config
@@ -30,7 +31,7 @@ def test_folded_splits_give_every_interaction_as_history(features_dir):
     spec = S.FeatureSpec.load(features_dir)
     splits = P.refit_splits(spec)
     assert splits == ("train", "validation", "test", "cold")
-    records = {r[S.USER_ID]: r for s in splits for r in S.read_user_records(spec, s)}
+    records = {r[S.USER_ID]: r for s in splits for r in UR.read_user_records(spec, s)}
     seen = {}
     for batch in make_dataset(spec, splits, batch_size=64, fold_targets=True):
         assert batch[S.TARGETS].shape[1] == 0
