@@ -88,6 +88,8 @@ class ModelConfig:
       hidden_dims: encoder layers (the decoder mirrors them).
       embedding_dim: size of each categorical attribute embedding.
       condition_dim: size of the condition vector c after the cross layer.
+      condition_skip: c also feeds the decoder's output layer directly (a wide, linear path
+        from the attributes to every item's logit, `layers.Decoder`).
       num_cross_layers: DCN cross layers over the attribute features.
       input_dropout: dropout on the normalised history, as in Mult-VAE.
       conditional_prior: learn p(z|c); False uses N(0, I) (the Mult-VAE prior).
@@ -123,6 +125,7 @@ class ModelConfig:
     hidden_dims: list[int] = dataclasses.field(default_factory=lambda: [600])
     embedding_dim: int = 16
     condition_dim: int = 64
+    condition_skip: bool = False
     num_cross_layers: int = 1
     input_dropout: float = 0.5
     conditional_prior: bool = True

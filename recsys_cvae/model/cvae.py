@@ -94,7 +94,9 @@ class CVAE(ElboObjective, tf.keras.Model):
         self.encoder = Encoder(
             config.hidden_dims, config.latent_dim, config.input_dropout, spec.num_items
         )
-        self.decoder = Decoder(list(reversed(config.hidden_dims)), spec.num_items)
+        self.decoder = Decoder(
+            list(reversed(config.hidden_dims)), spec.num_items, config.condition_skip
+        )
         if config.linear_init not in ("zeros", "ease"):
             raise ValueError(f"model.linear_init must be zeros or ease, got {config.linear_init!r}")
         self.item_item = None

@@ -244,12 +244,22 @@ class Decoder(tf.keras.layers.Layer):
 
     Inputs: z `[batch, latent_dim]`, c `[batch, condition_dim]` or None.
     Output: logits `[batch, num_items]` float32 (the likelihood's natural parameters).
+
+    With `condition_skip`, c also reaches the output layer directly, beside the last hidden
+    layer: logits = [h; c] · Eᵀ + b. Why: a wide, linear path from the attributes to every
+    item's logit (popularity within a segment is exactly such a term) that the tanh layers
+    need not learn; and it stays one output layer, so chunked top-K and sampled softmax work
+    on it unchanged.
     """
 
-    def __init__(self, hidden_dims: list[int], num_items: int, **kwargs: Any) -> None:
+    def __init__(
+        self, hidden_dims: list[int], num_items: int, condition_skip: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.hidden_dims = list(hidden_dims)
         self.num_items = num_items
+        self.condition_skip = condition_skip
         self.hidden = [tf.keras.layers.Dense(d, activation="tanh") for d in self.hidden_dims]
         self.logits = ItemLogits(num_items)
 
@@ -261,6 +271,8 @@ class Decoder(tf.keras.layers.Layer):
         h = z if c is None else tf.concat([z, tf.cast(c, z.dtype)], axis=-1)
         for layer in self.hidden:
             h = layer(h)
+        if self.condition_skip and c is not None:
+            h = tf.concat([h, tf.cast(c, h.dtype)], axis=-1)
         return h
 
     def item_logits(self, h: tf.Tensor, item_indices: tf.Tensor) -> tf.Tensor:
@@ -276,7 +288,8 @@ class Decoder(tf.keras.layers.Layer):
         return self.logits.rows(h, tf.gather(kernel, item_indices), tf.gather(bias, item_indices))
 
     def get_config(self) -> dict[str, Any]:
-        config = {"hidden_dims": self.hidden_dims, "num_items": self.num_items}
+        config = {"hidden_dims": self.hidden_dims, "num_items": self.num_items,
+                  "condition_skip": self.condition_skip}
         return {**super().get_config(), **config}
 
 

@@ -48,7 +48,8 @@ def load_trained_model(model_dir: str) -> CVAE:
     with tf.io.gfile.GFile(path) as f:
         data = json.load(f)
     try:
-        model_config = ModelConfig(**data["model"])
+        # A model written before `condition_skip` existed was built without it.
+        model_config = ModelConfig(**{"condition_skip": False, **data["model"]})
         features_dir = data["features_dir"]
     except (KeyError, TypeError) as error:
         raise ValueError(f"{path}: not a config written by `recsys-cvae train` ({error})") from None

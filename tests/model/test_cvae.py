@@ -1,11 +1,12 @@
 """The CVAE: preprocessing layers, the ELBO terms and the serving-facing methods.
 
-(The preprocessing layers live in `recsys_cvae/preprocessing.py`; they are tested here
+(The preprocessing layers live in `recsys_cvae/model/preprocessing.py`; they are tested here
 because the model is their only user.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -384,3 +385,20 @@ def test_prior_reconstruction_on_a_fraction_of_the_batch_is_rescaled(tiny_spec):
     assert sampled[0] == pytest.approx(4.0 * every_user[0], rel=1e-5)
     assert np.all(every_user > 0)
     assert model._elbo(batch, training=True)["prior_reconstruction"].shape == (4,)
+
+
+def test_the_condition_skip_feeds_c_to_the_output_layer_beside_h(tiny_spec):
+    config = dataclasses.replace(SMALL, condition_skip=True)
+    model = build_model(tiny_spec, config)
+    # E has a column per hidden unit and per condition dimension: logits = [h; c] · Eᵀ + b.
+    assert model.decoder.logits.kernel.shape == (tiny_spec.num_items, 8 + 5)
+    batch = features([["a"], [""]], ["north", "south"], [30.0, np.nan])
+    h = model.decoder_state(batch, from_history=False)
+    c = model.condition(batch)
+    np.testing.assert_allclose(h[:, 8:].numpy(), c.numpy())
+    np.testing.assert_allclose(
+        model.generate_logits(batch).numpy(), model.decoder.logits(h).numpy(), rtol=1e-6
+    )
+    # Without attributes there is no c to add: the plain decoder.
+    plain = build_model(tiny_spec, dataclasses.replace(config, use_condition=False))
+    assert plain.decoder.logits.kernel.shape == (tiny_spec.num_items, 8)
