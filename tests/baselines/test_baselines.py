@@ -175,14 +175,34 @@ def test_two_tower_writes_candidates_without_history_and_learns_on_synthetic(
     assert all(len(ids) == 20 and not set(ids) & histories[u] for u, ids in rows.items())
     with open(os.path.join(out, "two_tower", B.PARAMS_FILE)) as f:
         params = json.load(f)["strong"]
-    # Share of validation (user, held-out item) pairs whose item the towers put in the user's
-    # top 10 of the whole catalogue: above what a random top 10 reaches (10 / num_items).
-    assert params["validation_factorized_top_10"] > 10 / spec.num_items
+    # The epoch kept is the best of the validation curve (NDCG@10, history excluded).
+    curve = params["validation_curve"]
+    assert params["epochs"] == 1 + curve.index(max(curve))
+    assert params["validation_ndcg@10"] == pytest.approx(max(curve), abs=1e-4)
     # The synthetic users' tastes follow their attributes: the towers must beat random
-    # (expected recall@20 of a random list is about 20 / 120).
+    # (expected recall@20 of a random list is about 20 / 120) and popularity.
     truth, _ = load_truth(spec, "test")
     recall = score_rankings(rows, truth, [20], spec.num_items)["recall@20"]
     assert recall > 2 * 20 / spec.num_items
+    popular = {u: ids for u, ids, _, _ in C.iter_rows(C.split_files(out, "popularity", "test"))}
+    assert recall > score_rankings(popular, truth, [20], spec.num_items)["recall@20"]
+    # Deterministic for a seed: two (short) fits score alike.
+    import dataclasses
+
+    from recsys_cvae.baselines import two_tower as T
+
+    index = {item: i for i, item in enumerate(spec.item_vocabulary())}
+    train, validation, test = (
+        SD.load_split(spec, split, index) for split in ("train", "validation", "test")
+    )
+    short = dataclasses.replace(T.SETTINGS, epochs=2)
+    scores = [
+        T._scorer(T.fit_two_tower(spec, train, validation, None, config, short)[0], spec)(
+            test, slice(None)
+        )
+        for _ in range(2)
+    ]
+    np.testing.assert_array_equal(scores[0], scores[1])
 
 
 def test_load_split_keeps_histories_sparse(toy_features):
@@ -274,28 +294,51 @@ def test_segment_popularity_sums_sparse_rows_like_dense_ones():
                                    expected, rtol=1e-15)  # fmt: skip
 
 
-def test_two_tower_batches_equal_the_dense_rows():
+def test_two_tower_leave_one_out_pools_other_items_and_multi_hot_equals_dense_rows():
+    import dataclasses
+
     import tensorflow as tf
 
-    from recsys_cvae.baselines.two_tower import MAX_PAIRS_PER_USER, _multi_hot, _pairs
+    from recsys_cvae.baselines import two_tower as T
 
     rng = np.random.default_rng(5)
-    x = rng.random((20, 70)) < 0.8  # > MAX_PAIRS_PER_USER items: pairs are sampled
-    x[4] = False
+    x = rng.random((20, 70)) < 0.5
+    x[4] = False  # no history: no pairs
+    x[7] = False
+    x[7, 3] = True  # one item: one pair with nothing to pool
     history = Histories.from_dense(x)
-    ragged = tf.RaggedTensor.from_row_splits(history.indices.astype(np.int64), history.indptr)
-    rows = np.array([4, 0, 19, 0], dtype=np.int32)
-    np.testing.assert_array_equal(_multi_hot(ragged, tf.constant(rows), 70).numpy(), x[rows])
-    # The dense version: np.flatnonzero of each row, the same draws from the same generator.
-    expected_rows, expected_items, dense_rng = [], [], np.random.default_rng(0)
-    for u, row in enumerate(x):
-        chosen = np.flatnonzero(row)
-        if len(chosen) > MAX_PAIRS_PER_USER:
-            chosen = dense_rng.choice(chosen, MAX_PAIRS_PER_USER, replace=False)
-        expected_rows += [u] * len(chosen)
-        expected_items += chosen.tolist()
-    pairs_rows, pairs_items = _pairs(history, np.random.default_rng(0))
-    assert pairs_rows.tolist() == expected_rows and pairs_items.tolist() == expected_items
+    ragged = tf.RaggedTensor.from_row_splits(history.indices, history.indptr)
+    rows = np.array([4, 0, 19, 0])
+    np.testing.assert_array_equal(T._multi_hot(tf.gather(ragged, rows), 70).numpy(), x[rows])
+    for cap, sample in ((0, 0), (0, 8), (5, 8)):
+        settings = dataclasses.replace(
+            T.SETTINGS, max_pairs_per_user=cap, history_sample=sample, cold_share=0.0
+        )
+        users, items, pooled = T.leave_one_out(history, settings, np.random.default_rng(0))
+        pooled = pooled.to_list()
+        for u in range(len(x)):
+            mine = set(np.flatnonzero(x[u]).tolist())
+            positives = items[users == u].tolist()
+            # Every item once without a cap, `cap` distinct items of the user with one.
+            assert len(set(positives)) == len(positives) == min(len(mine), cap or len(mine))
+            assert set(positives) <= mine
+        for u, item, others in zip(users, items, pooled):
+            mine = set(np.flatnonzero(x[u]).tolist())
+            # The pooled history: the user's other items, never the positive, `sample` at most.
+            assert item not in others and set(others) <= mine
+            assert len(set(others)) == len(others) == min(len(mine) - 1, sample or len(mine))
+        # Shuffled across users, and the same draws for the same seed.
+        assert users.tolist() != sorted(users.tolist())
+        again = T.leave_one_out(history, settings, np.random.default_rng(0))
+        assert again[0].tolist() == users.tolist() and again[1].tolist() == items.tolist()
+        assert again[2].to_list() == pooled
+    # cold_share: that share of pairs pools nothing (attributes only), the rest as before.
+    settings = dataclasses.replace(T.SETTINGS, history_sample=8, cold_share=0.3)
+    users, _, pooled = T.leave_one_out(history, settings, np.random.default_rng(0))
+    lengths = np.array([len(p) for p in pooled.to_list()])
+    expected = np.minimum(x[users].sum(axis=1) - 1, 8)
+    empty = lengths == 0
+    assert np.all(lengths[~empty] == expected[~empty]) and 0.2 < empty.mean() < 0.4
 
 
 def test_top_k_matches_a_full_stable_sort_with_many_ties():
