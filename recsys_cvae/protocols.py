@@ -86,8 +86,8 @@ def refit_splits(spec: S.FeatureSpec) -> tuple[str, ...]:
     if not strong:
         return ()
     roles = [strong.get(role) for role in ("train", "validation", "test")]
-    cold = [roles_.get("test") for p, roles_ in spec.protocols.items() if p == S.COLD_START]
-    return tuple(s for s in [*roles, *cold] if s and s in spec.splits and spec.splits[s].users)
+    cold = spec.protocols.get(S.COLD_START, {}).get("test")
+    return tuple(s for s in [*roles, cold] if s and s in spec.splits and spec.splits[s].users)
 
 
 def main_protocol(spec: S.FeatureSpec, settings: TrainConfig) -> str:
@@ -142,11 +142,11 @@ def plan(
         checked against the features: a split asked for that they lack fails where it is read.
     """
     tested_by_others = {
-        test_split(spec, p) for p in trainable(spec) if p != main and test_split(spec, p)
+        split for p in trainable(spec) if p != main and (split := test_split(spec, p))
     }
     fits = []
     for protocol in [main] + [p for p in fitted if p != main]:
-        own = [test_split(spec, protocol)] if test_split(spec, protocol) else []
+        own = [split] if (split := test_split(spec, protocol)) else []
         if protocol == main:
             own += [s for s in extra_splits if s not in tested_by_others]
         training, validation = fit_splits(spec, protocol)
@@ -167,12 +167,11 @@ def baseline_plan(spec: S.FeatureSpec, config: Config) -> list[ProtocolFit]:
     """One fit of each baseline per trainable protocol that answers something: every test
     split, with the main protocol's fit answering cold start and `evaluate.splits`."""
     main = main_protocol(spec, config.train)
-    untrained_tests = [
-        test_split(spec, p) for p in spec.protocols if p not in trainable(spec)
-    ]
+    fitted = trainable(spec)
+    untrained_tests = [test_split(spec, p) for p in spec.protocols if p not in fitted]
     asked = [s for s in config.evaluate.splits if s in spec.splits]  # scored only if present
     extra = [s for s in untrained_tests if s] + asked
-    return [fit for fit in plan(spec, main, trainable(spec), extra) if fit.splits]
+    return [fit for fit in plan(spec, main, fitted, extra) if fit.splits]
 
 
 def evaluation_splits(spec: S.FeatureSpec, config: EvaluateConfig) -> dict[str, str]:

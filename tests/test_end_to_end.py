@@ -15,13 +15,14 @@ import textwrap
 
 import pytest
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.builders import REPO
+
 # The console script a user runs (`pip install` puts it beside the interpreter).
 _SCRIPT = os.path.join(os.path.dirname(sys.executable), "recsys-cvae")
 CLI = [_SCRIPT] if os.path.exists(_SCRIPT) else [sys.executable, "-m", "recsys_cvae.cli"]
 
 
-def _run(args: list[str], timeout_s: float, cwd: str = REPO_ROOT) -> subprocess.CompletedProcess:
+def _run(args: list[str], timeout_s: float, cwd: str = REPO) -> subprocess.CompletedProcess:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     return subprocess.run(
         args,
@@ -38,7 +39,7 @@ def pipeline_run(tmp_path_factory) -> tuple[str, subprocess.CompletedProcess]:
     # As a user runs it: from their own (empty) folder outside the repository, with a
     # relative workdir, so every path a stage hands a subprocess must be resolved.
     user_folder = str(tmp_path_factory.mktemp("user-folder"))
-    assert not user_folder.startswith(REPO_ROOT)
+    assert not user_folder.startswith(REPO)
     workdir = os.path.join(user_folder, "runs", "e2e")
     result = _run(
         [

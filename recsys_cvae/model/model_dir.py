@@ -29,11 +29,17 @@ TRAINED_ON = "trained_on"  # config.json's record of the splits and users that f
 def read_trained_on(model_dir: str) -> dict:
     """config.json's `trained_on` (splits, users, whether targets were input, refit_of), or
     {} for a folder written before it was recorded."""
+    config = _read_config(model_dir)
+    return {} if config is None else config.get(TRAINED_ON, {})
+
+
+def _read_config(model_dir: str) -> dict | None:
+    """The parsed `model_dir/config.json`, or None when the folder has none."""
     path = os.path.join(model_dir, CONFIG_FILE)
     if not tf.io.gfile.exists(path):
-        return {}
+        return None
     with tf.io.gfile.GFile(path) as f:
-        return json.load(f).get(TRAINED_ON, {})
+        return json.load(f)
 
 
 def load_trained_model(model_dir: str) -> CVAE:
@@ -43,10 +49,9 @@ def load_trained_model(model_dir: str) -> CVAE:
     feature spec and vocabularies there rebuild the lookup layers exactly.
     """
     path = os.path.join(model_dir, CONFIG_FILE)
-    if not tf.io.gfile.exists(path):
+    data = _read_config(model_dir)
+    if data is None:
         raise FileNotFoundError(f"{path}: no config.json; train a model into {model_dir} first")
-    with tf.io.gfile.GFile(path) as f:
-        data = json.load(f)
     try:
         # A model written before `condition_skip` existed was built without it.
         model_config = ModelConfig(**{"condition_skip": False, **data["model"]})

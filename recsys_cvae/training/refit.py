@@ -60,13 +60,14 @@ def refit(
     settings = refit_config(config, selected)
     settings.train.protocol = protocol
     blend = selected.get("linear_blend")
+    data = FitData(splits, None, fold_targets=True)
     log.info(
         "refitting the served CVAE on %s (%d users, every interaction) for %d epochs",
-        "+".join(splits), sum(spec.splits[s].users for s in splits), settings.train.epochs,
+        "+".join(splits), data.users(spec), settings.train.epochs,
     )
     return train(
         features_dir, model_dir, settings,
-        data=FitData(splits, None, fold_targets=True),
+        data=data,
         fixed_blend={"alpha": blend["alpha"], "l2": blend["l2"]} if blend else None,
         provenance={"refit_of": protocol, "epochs": settings.train.epochs,
                     "beta_cap": settings.train.beta_cap},

@@ -29,6 +29,7 @@ from serving.server import ModelServer
 from serving.versions import read_model_config_file
 from tests.builders import (
     NORTH_EMPTY,
+    REPO,
     V1_SCORES,
     V2_SCORES,
     outputs_of,
@@ -36,8 +37,6 @@ from tests.builders import (
     save_version,
     write_self_signed_certificate,
 )
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_batcher_merges_concurrent_calls_and_returns_each_its_rows():

@@ -33,6 +33,7 @@ from tensorflow_serving.apis import (
 from serving.server import ModelServer
 from tests.builders import (
     NORTH_EMPTY,
+    REPO,
     V1_SCORES,
     V2_SCORES,
     outputs_of,
@@ -380,7 +381,7 @@ def test_process_serves_then_exits_cleanly_on_sigterm(model_base_path):
         [sys.executable, "-m", "serving.server", "--model-base-path", model_base_path,
          "--port", "0", "--grace-s", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+        cwd=REPO,
     )
     try:
         line = process.stdout.readline()  # "serving recsys_cvae on 127.0.0.1:<port>"
