@@ -201,8 +201,12 @@ def attribute_vocabularies(values: Counter, kinds: dict[str, str]) -> dict[str, 
     return vocabularies
 
 
-def numeric_sums(examples, kinds: dict[str, str]) -> dict[str, tuple[int, float, float]]:
-    """attribute -> (n, sum, sum of squares) over known values of numeric attributes."""
+def numeric_sums(examples, kinds: dict[str, str]) -> dict[str, tuple]:
+    """attribute -> (n, sum, sum of squares, sample) over known values of numeric attributes.
+
+    sample: up to QUANTILE_POINTS evenly spaced values of the sorted known values, for the
+    quantile boundaries (`numeric_boundaries`).
+    """
     values: dict[str, list[float]] = {}
     for example in examples:
         for name, value in example.attributes.items():
@@ -211,15 +215,22 @@ def numeric_sums(examples, kinds: dict[str, str]) -> dict[str, tuple[int, float,
                 if not math.isnan(number):
                     values.setdefault(name, []).append(number)
     return {
-        name: (len(v), math.fsum(v), math.fsum(x * x for x in v)) for name, v in values.items()
+        name: (len(v), math.fsum(v), math.fsum(x * x for x in v), _even_sample(v))
+        for name, v in values.items()
     }
+
+
+def _even_sample(values: list[float]) -> list[float]:
+    ordered = np.sort(np.asarray(values, dtype=np.float64))
+    picks = np.unique(np.linspace(0, len(ordered) - 1, QUANTILE_POINTS).astype(np.int64))
+    return ordered[picks].tolist() if len(ordered) > QUANTILE_POINTS else ordered.tolist()
 
 
 def mean_std(per_bucket: list[tuple[int, dict]]) -> dict[str, tuple[float, float]]:
     """Merges numeric_sums in bucket order -> attribute -> (mean, population std; 1.0 if 0)."""
     totals: dict[str, list] = {}
     for _, sums in sorted(per_bucket, key=lambda b: b[0]):
-        for name, (n, total, squares) in sums.items():
+        for name, (n, total, squares, *_) in sums.items():
             entry = totals.setdefault(name, [0, [], []])
             entry[0] += n
             entry[1].append(total)
@@ -231,6 +242,32 @@ def mean_std(per_bucket: list[tuple[int, dict]]) -> dict[str, tuple[float, float
         std = math.sqrt(variance)
         stats[name] = (mean, std if std > 1e-12 * max(abs(mean), 1.0) else 1.0)
     return stats
+
+
+def numeric_boundaries(
+    per_bucket: list[tuple[int, dict]], num_quantiles: int
+) -> dict[str, list[float]]:
+    """Merges numeric_sums' samples -> attribute -> the inner q/num_quantiles quantiles
+    (q = 1 .. num_quantiles − 1), distinct and ascending: a value v falls in bucket
+    `searchsorted(boundaries, v, side="right")`, as TensorFlow's Bucketize puts it.
+
+    Why distinct: a column with few values (an age given in decades) has repeated quantiles;
+    the duplicates would be empty buckets. A constant column gets no boundaries.
+    """
+    if num_quantiles < 2:
+        return {}
+    samples: dict[str, list[tuple[list[float], int]]] = {}
+    for _, sums in sorted(per_bucket, key=lambda b: b[0]):
+        for name, (n, _, _, *sample) in sums.items():
+            if sample and sample[0]:
+                samples.setdefault(name, []).append((sample[0], n))
+    boundaries = {}
+    for name, parts in samples.items():
+        cuts = {weighted_quantile(parts, q / num_quantiles) for q in range(1, num_quantiles)}
+        lowest = min(min(sample) for sample, _ in parts)
+        # A cut at the minimum would leave the bucket below it empty.
+        boundaries[name] = sorted(c for c in cuts if c is not None and c > lowest)
+    return boundaries
 
 
 def file_statistics(counts: list, dead_reasons: list) -> dict[str, dict]:
@@ -304,6 +341,7 @@ def feature_spec(
         else:
             attributes.append(S.AttributeSpec(
                 name, S.NUMERIC, mean=described["mean"], std=described["std"],
+                boundaries=tuple(described.get("boundaries", ())),
                 source=described.get("source", "users"),
             ))  # fmt: skip
     files = summary["files"]

@@ -65,8 +65,11 @@ SUMMARY_FILE = "job_summary.json"
 class _WriteSummaryFn(beam.DoFn):
     """Writes vocab/items.txt, vocab/attr_<name>.txt and the job summary; yields the summary."""
 
-    def __init__(self, output_dir: str, layout: L.Layout, context: list[str]) -> None:
+    def __init__(
+        self, output_dir: str, layout: L.Layout, context: list[str], num_quantiles: int
+    ) -> None:
         self.output_dir, self.layout, self.context = output_dir, layout, context
+        self.num_quantiles = num_quantiles
 
     def process(self, _, counts, reasons, state, summary, stats, cut):
         files = F.file_statistics(counts, reasons)
@@ -74,7 +77,9 @@ class _WriteSummaryFn(beam.DoFn):
         S.write_vocabulary(posixpath.join(self.output_dir, "vocab", "items.txt"), items)
         kinds = F.decide_kinds(summary["scanned"], self.layout)
         vocabularies = F.attribute_vocabularies(summary["values"], kinds)
-        numeric = F.mean_std([(number, sums) for number, _, sums, _ in stats])
+        per_bucket = [(number, sums) for number, _, sums, _ in stats]
+        numeric = F.mean_std(per_bucket)
+        boundaries = F.numeric_boundaries(per_bucket, self.num_quantiles)
         attributes = {}
         for name, kind in kinds.items():
             if kind == S.CATEGORICAL:
@@ -83,10 +88,12 @@ class _WriteSummaryFn(beam.DoFn):
                 attributes[name] = {"kind": kind, "vocabulary_size": len(vocabularies[name])}
             else:
                 mean, std = numeric.get(name, (0.0, 1.0))
-                attributes[name] = {"kind": kind, "mean": mean, "std": std}
+                attributes[name] = {"kind": kind, "mean": mean, "std": std,
+                                    "boundaries": boundaries.get(name, [])}
         for name in self.context:
             mean, std = numeric.get(name, (0.0, 1.0))
-            attributes[name] = {"kind": S.NUMERIC, "mean": mean, "std": std, "source": "context"}
+            attributes[name] = {"kind": S.NUMERIC, "mean": mean, "std": std, "source": "context",
+                                "boundaries": boundaries.get(name, [])}
         job = {
             "files": files,
             "items": len(items),
@@ -135,7 +142,8 @@ class BuildFeatures(beam.PTransform):
             | "Once" >> beam.Create([None])
             | "WriteSummary"
             >> beam.ParDo(
-                _WriteSummaryFn(self.output_dir, self.layout, self.context),
+                _WriteSummaryFn(self.output_dir, self.layout, self.context,
+                                self.config.numeric_quantiles),
                 AsSingleton(counts), AsSingleton(reasons), AsSingleton(state),
                 AsSingleton(summary), AsSingleton(stats), AsSingleton(cut),
             )  # fmt: skip

@@ -54,6 +54,10 @@ class FeaturesConfig:
       max_filter_rounds: rounds of the min-interactions-per-user/item filter (it stops
         earlier at its fixed point).
       num_buckets: user buckets the job groups by; more spreads wider on a cluster.
+      numeric_quantiles: numeric attributes also get this many training-quantile buckets
+        (boundaries stored in the feature spec; the model embeds the bucket beside the
+        standardised value, so non-monotone effects such as a taste peaking in middle age
+        are learnable); 0 or 1: the standardised value only.
       recency_half_life_days: write `history_weights`, 0.5 ** (age / half-life) per history
         item (age from the latest event, or the temporal cut); None writes no weights.
     """
@@ -76,6 +80,7 @@ class FeaturesConfig:
     context_features: bool = False
     max_filter_rounds: int = 10
     num_buckets: int = 64
+    numeric_quantiles: int = 10
     recency_half_life_days: float | None = None
 
 
@@ -86,7 +91,8 @@ class ModelConfig:
     Attributes:
       latent_dim: size of z.
       hidden_dims: encoder layers (the decoder mirrors them).
-      embedding_dim: size of each categorical attribute embedding.
+      embedding_dim: size of each attribute embedding (categorical values, numeric
+        buckets); 0 = by the attribute's number of values, ⌈6 · n^¼⌉ between 4 and 64.
       condition_dim: size of the condition vector c after the cross layer.
       condition_skip: c also feeds the decoder's output layer directly (a wide, linear path
         from the attributes to every item's logit, `layers.Decoder`).
@@ -117,13 +123,25 @@ class ModelConfig:
         trains on a sampled softmax over the batch's history items plus N shared negatives
         (logQ-corrected; validation and serving still use the full softmax). For catalogues
         of ~100k items and more; needs the multinomial likelihood and no item-item branch.
+      attribute_lift: after training, add γ · Σ_a lift_a(i | value of a) to the logits,
+        lift = log p(i | a = v) / p(i) counted on the training users (shrunk towards
+        popularity by `attribute_lift_pseudo_users`), γ chosen on validation separately
+        for `generate` (cold) and `recommend` (warm); γ = 0 is always a candidate
+        (`recsys_cvae.training.attribute_blend`).
+      attribute_lift_pseudo_users: the shrinkage κ tried, in users: a segment of n users
+        moves n / (n + κ) of the way from popularity to its own item distribution.
+      attribute_lift_weights: the γ tried.
+      attribute_lift_decoder_weights: the δ tried for `generate` (the decoder's share).
+      attribute_lift_popularity_weights: the η tried for `generate` (log-popularity's).
+      attribute_lift_max_cells: the lift tables hold num_items × (values of every
+        attribute) floats; attributes are left out, largest first, until they fit this.
       sampled_softmax_sampler: how negatives are drawn: `log_uniform` (Zipf over the
         vocabulary's most-frequent-first order, a popularity proxy) or `uniform`.
     """
 
     latent_dim: int = 200
     hidden_dims: list[int] = dataclasses.field(default_factory=lambda: [600])
-    embedding_dim: int = 16
+    embedding_dim: int = 0
     condition_dim: int = 64
     condition_skip: bool = False
     num_cross_layers: int = 1
@@ -146,6 +164,20 @@ class ModelConfig:
     use_history_weights: bool = True
     sampled_softmax_negatives: int = 0
     sampled_softmax_sampler: str = "log_uniform"
+    attribute_lift: bool = True
+    attribute_lift_pseudo_users: list[float] = dataclasses.field(
+        default_factory=lambda: [3.0, 10.0, 30.0, 100.0]
+    )
+    attribute_lift_weights: list[float] = dataclasses.field(
+        default_factory=lambda: [0.25, 0.5, 1.0, 1.5, 2.0]
+    )
+    attribute_lift_decoder_weights: list[float] = dataclasses.field(
+        default_factory=lambda: [1.0, 0.5, 0.25, 0.0]
+    )
+    attribute_lift_popularity_weights: list[float] = dataclasses.field(
+        default_factory=lambda: [0.0, 0.5, 1.0]
+    )
+    attribute_lift_max_cells: int = 50_000_000
 
 
 @dataclasses.dataclass

@@ -107,6 +107,9 @@ class AttributeSpec:
       num_oov_buckets: categorical only; buckets for unknown or empty values.
       mean: numeric only; training-users mean, used to standardise.
       std: numeric only; training-users standard deviation (1.0 when the column is constant).
+      boundaries: numeric only; the training users' quantiles (ascending, distinct) that cut
+        the value into len + 1 buckets, computed by the feature job so that training and the
+        serving graph bucketise alike (`features.numeric_quantiles`); () = not bucketised.
       source: where the attribute comes from: `users` (the users table) or `context`
         (computed from the logs by the feature job).
       derived_from: the raw users-table column the attribute is derived from (e.g.
@@ -124,6 +127,7 @@ class AttributeSpec:
     num_oov_buckets: int = 1
     mean: float = 0.0
     std: float = 1.0
+    boundaries: tuple[float, ...] = ()
     source: str = "users"
     derived_from: str | None = None
     derivation: str | None = None
@@ -136,6 +140,13 @@ class AttributeSpec:
             )
         if self.name in RESERVED_NAMES:
             raise SpecError(f"attribute name {self.name!r} is reserved; rename the column")
+        # JSON gives a list; a tuple keeps the frozen spec hashable and comparable.
+        object.__setattr__(self, "boundaries", tuple(float(b) for b in self.boundaries))
+        if list(self.boundaries) != sorted(set(self.boundaries)):
+            raise SpecError(
+                f"attribute {self.name!r}: boundaries must ascend strictly, got "
+                f"{list(self.boundaries)}"
+            )
         if self.kind == CATEGORICAL and not self.vocabulary_file:
             raise SpecError(f"categorical attribute {self.name!r} needs a vocabulary_file")
         self._check_derivation()
@@ -331,7 +342,8 @@ class FeatureSpec:
             "seed": self.seed,
             "history_weights": self.history_weights,
             "attributes": [
-                {k: v for k, v in dataclasses.asdict(a).items() if v is not None}
+                {k: v for k, v in dataclasses.asdict(a).items()
+                 if v is not None and not (k == "boundaries" and not v)}
                 for a in self.attributes
             ],
             "items": {"vocabulary_file": self.item_vocabulary_file, "size": self.num_items},

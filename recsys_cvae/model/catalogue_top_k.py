@@ -19,6 +19,10 @@ num_items. Ties go to the lower item index in both forms (`tf.math.top_k` keeps 
 index first, and the running top holds earlier chunks), so the results are those of one
 top-K over the whole catalogue.
 
+With the attribute lift (`recsys_cvae.model.attribute_lift`) the logits gain s · Tᵀ, T
+`[num_items, buckets]` item-major like E: `CVAE.output_factors` extends h and E by s and
+T's columns, so the same chunks score both (one concatenated copy of E per call).
+
 When: chunks need a model without the item-item branch (whose x · B needs the whole row;
 it is only built for small catalogues) and a catalogue larger than `chunk_size`. Even then
 a call whose logits are small — batch × num_items ≤ `one_piece_max_logits`, 16 MB of
@@ -86,17 +90,15 @@ def catalogue_top_k(
             exclude = tf.zeros_like(logits)
         return full_top_k(logits, exclude, k)
     num_items = len(model.item_ids)
-    hidden = model.decoder_state(features, from_history=from_history)  # [batch, units]
+    hidden, kernel, bias = model.output_factors(features, from_history)  # logits = h·Eᵀ + b
     batch = tf.shape(hidden)[0]
     if from_history:
         history = model.history_indices(features[HISTORY])
     else:
         history = tf.fill([batch, 0], -1)
-    output = model.decoder.logits
-    kernel, bias = tf.convert_to_tensor(output.kernel), tf.convert_to_tensor(output.bias)
 
     def one_piece():
-        logits = output.rows(hidden, kernel, bias)
+        logits = ItemLogits.rows(hidden, kernel, bias)
         return full_top_k(logits, _history_mask(history, 0, num_items), k)
 
     def chunks():

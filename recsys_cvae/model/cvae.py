@@ -38,6 +38,7 @@ from typing import Any
 import tensorflow as tf
 
 from recsys_cvae.config import ModelConfig
+from recsys_cvae.model.attribute_lift import AttributeLift, lift_sizes
 from recsys_cvae.model.layers import ConditionalPrior, Decoder, Encoder, ItemItemBranch
 from recsys_cvae.model.losses import LIKELIHOODS, reparametrise
 from recsys_cvae.model.objective import ElboObjective, check_sampled_softmax
@@ -46,6 +47,7 @@ from recsys_cvae.model.preprocessing import (
     ConditionEncoder,
     ItemMultiHot,
     attribute_layer_config,
+    bucket_count,
 )
 from recsys_cvae.spec import HISTORY, FeatureSpec
 
@@ -78,15 +80,23 @@ class CVAE(ElboObjective, tf.keras.Model):
         self.multi_hot = ItemMultiHot(list(self._item_ids))
         self.condition_encoder = None
         self.prior = None
+        self.lift = None
         if self.uses_condition:
+            attributes = attribute_layer_config(spec)
             self.condition_encoder = ConditionEncoder(
-                attribute_layer_config(spec),
+                attributes,
                 config.embedding_dim,
                 config.condition_dim,
                 config.num_cross_layers,
             )
             if config.conditional_prior:
                 self.prior = ConditionalPrior(config.latent_dim)
+            sizes = lift_sizes(
+                {a["name"]: bucket_count(a) for a in attributes},
+                spec.num_items, config.attribute_lift_max_cells,
+            )
+            if config.attribute_lift and sizes:
+                self.lift = AttributeLift(sizes, spec.num_items)
         if config.likelihood not in LIKELIHOODS:
             raise ValueError(
                 f"model.likelihood must be one of {list(LIKELIHOODS)}, got {config.likelihood!r}"
@@ -217,8 +227,10 @@ class CVAE(ElboObjective, tf.keras.Model):
         c = self.condition(features)
         z_mean, _ = self._encode_sparse(features, self.history_sparse(features), c, False)
         if self.item_item is None:
-            return self.decoder(z_mean, c)
-        return self._logits(z_mean, c, self.history_input(features), training=False)
+            logits = self.decoder(z_mean, c)
+        else:
+            logits = self._logits(z_mean, c, self.history_input(features), training=False)
+        return self._add_lift(logits, features, cold=False)
 
     def generate_logits(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
         """Scores from attributes alone (cold start, what-if): decodes the prior mean.
@@ -228,7 +240,37 @@ class CVAE(ElboObjective, tf.keras.Model):
         the batch dimension cannot be known and the result is `[1, num_items]`.
         """
         # The item-item branch adds x · B = 0 for an empty history.
-        return self.decoder.logits(self.decoder_state(features, from_history=False))
+        logits = self.decoder.logits(self.decoder_state(features, from_history=False))
+        return self._add_lift(logits, features, cold=True)
+
+    def _add_lift(
+        self, logits: tf.Tensor, features: Mapping[str, tf.Tensor], cold: bool
+    ) -> tf.Tensor:
+        if self.lift is None:
+            return logits
+        return self.lift.combine(logits, self.condition_encoder.bucket_indices(features), cold)
+
+    def output_factors(
+        self, features: Mapping[str, tf.Tensor], from_history: bool = True
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """(h `[batch, units']`, E `[num_items, units']`, b `[num_items]`) with
+        `recommend_logits` (from_history) or `generate_logits` = h · Eᵀ + b, for a model
+        without the item-item branch: what the chunked top-K scores a block of E's rows at a
+        time. With the attribute lift, h and E gain its columns (s and the table) and δ, η
+        scale h and b (`recsys_cvae.model.attribute_lift`)."""
+        hidden = tf.cast(self.decoder_state(features, from_history), tf.float32)
+        output = self.decoder.logits
+        kernel = tf.cast(tf.convert_to_tensor(output.kernel), tf.float32)
+        bias = tf.cast(tf.convert_to_tensor(output.bias), tf.float32)
+        if self.lift is None:
+            return hidden, kernel, bias
+        lift = self.lift
+        state = lift.state(self.condition_encoder.bucket_indices(features), not from_history)
+        if not from_history:
+            hidden = hidden * lift.decoder_weight
+            bias = bias * lift.decoder_weight + lift.popularity_weight * lift.log_popularity
+        return (tf.concat([hidden, state], axis=1),
+                tf.concat([kernel, tf.convert_to_tensor(lift.table)], axis=1), bias)
 
     def decoder_state(
         self, features: Mapping[str, tf.Tensor], from_history: bool = True

@@ -105,11 +105,16 @@ class ConditionEncoder(tf.keras.layers.Layer):
     Categorical values are embedded (unknown or empty → one of the OOV buckets); numeric
     values are standardised with the training mean/std, and NaN becomes 0 plus a missing
     indicator, so "unknown" is something the model can learn about rather than an error.
+    A numeric attribute with quantile `boundaries` (the feature job's) is also bucketised
+    and its bucket embedded beside the scalar: a scalar through one cross layer and a tanh
+    expresses monotone effects well and a taste that peaks in middle age badly.
 
     Args:
       attributes: one dict per attribute, in spec order: `name`, `kind` (`categorical` or
-        `numeric`), and `vocabulary` + `num_oov_buckets` or `mean` + `std`.
-      embedding_dim: size of each categorical embedding.
+        `numeric`), and `vocabulary` + `num_oov_buckets` or `mean` + `std` (+ optional
+        `boundaries`).
+      embedding_dim: size of each embedding; 0 = by the attribute's number of values
+        (`embedding_size`).
       condition_dim: size of c.
       num_cross_layers: DCN cross layers over the concatenated attribute features.
 
@@ -134,39 +139,49 @@ class ConditionEncoder(tf.keras.layers.Layer):
         self.embedding_dim = embedding_dim
         self.condition_dim = condition_dim
         self.num_cross_layers = num_cross_layers
-        self.lookups, self.embeddings = [], []
+        self.lookups, self.embeddings = {}, {}
         for attribute in self._attributes:
-            if attribute["kind"] != "categorical":
-                continue
-            num_oov = max(1, int(attribute.get("num_oov_buckets", 1)))
-            self.lookups.append(
-                tf.keras.layers.StringLookup(
-                    vocabulary=list(attribute["vocabulary"]), num_oov_indices=num_oov
+            name, size = attribute["name"], bucket_count(attribute)
+            if attribute["kind"] == "categorical":
+                self.lookups[name] = tf.keras.layers.StringLookup(
+                    vocabulary=list(attribute["vocabulary"]),
+                    num_oov_indices=max(1, int(attribute.get("num_oov_buckets", 1))),
                 )
-            )
-            self.embeddings.append(
-                tf.keras.layers.Embedding(len(attribute["vocabulary"]) + num_oov, embedding_dim)
-            )
+            if size:
+                self.embeddings[name] = tf.keras.layers.Embedding(
+                    size, embedding_dim or embedding_size(size)
+                )
         self.crosses = [tfrs.layers.dcn.Cross() for _ in range(num_cross_layers)]
         self.project = tf.keras.layers.Dense(condition_dim, activation="tanh")
 
-    def call(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
-        parts = []
-        categorical = iter(zip(self.lookups, self.embeddings))
+    def bucket_indices(self, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """attribute → `[batch]` int64 bucket (its embedding row) for every categorical and
+        bucketised numeric attribute, in spec order: what `attribute_lift` counts by."""
+        indices = {}
         for attribute in self._attributes:
             name = attribute["name"]
             if name not in features:
                 raise KeyError(f"features have no attribute {name!r}; expected {self.names}")
             value = tf.reshape(features[name], [-1])
             if attribute["kind"] == "categorical":
-                lookup, embedding = next(categorical)
-                parts.append(embedding(lookup(value)))
-            else:
-                value = tf.cast(value, tf.float32)
+                indices[name] = self.lookups[name](value)
+            elif attribute.get("boundaries"):
+                indices[name] = numeric_bucket(value, attribute["boundaries"])
+        return indices
+
+    def call(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
+        parts = []
+        buckets = self.bucket_indices(features)
+        for attribute in self._attributes:
+            name = attribute["name"]
+            if attribute["kind"] == "numeric":
+                value = tf.cast(tf.reshape(features[name], [-1]), tf.float32)
                 missing = tf.math.is_nan(value)
                 standardised = (value - attribute["mean"]) / attribute["std"]
                 parts.append(tf.where(missing, 0.0, standardised)[:, None])
                 parts.append(tf.cast(missing, tf.float32)[:, None])
+            if name in buckets:
+                parts.append(self.embeddings[name](buckets[name]))
         x0 = tf.concat([tf.cast(p, self.compute_dtype) for p in parts], axis=-1)
         x = x0
         for cross in self.crosses:
@@ -202,5 +217,34 @@ def attribute_layer_config(spec: FeatureSpec) -> list[dict[str, Any]]:
             )
         else:
             std = a.std if a.std and math.isfinite(a.std) and a.std > 0 else 1.0
-            attributes.append({"name": a.name, "kind": "numeric", "mean": a.mean, "std": std})
+            attributes.append({"name": a.name, "kind": "numeric", "mean": a.mean, "std": std,
+                               "boundaries": list(a.boundaries)})
     return attributes
+
+
+def bucket_count(attribute: Mapping[str, Any]) -> int:
+    """Rows of an attribute's embedding (`attribute_layer_config`'s dict): known values plus
+    OOV buckets, or a bucketised numeric's len(boundaries) + 1 buckets plus one for NaN;
+    0 for a numeric attribute without boundaries."""
+    if attribute["kind"] == "categorical":
+        return len(attribute["vocabulary"]) + max(1, int(attribute.get("num_oov_buckets", 1)))
+    boundaries = attribute.get("boundaries") or []
+    return len(boundaries) + 2 if boundaries else 0
+
+
+def embedding_size(num_values: int) -> int:
+    """⌈6 · num_values^¼⌉, between 4 and 64: the rule of thumb from Google's feature-column
+    guide, so a 2-value attribute gets 8 dimensions and a 10,000-value one 60, instead of
+    one size for both (too many parameters for the first, too few for the second)."""
+    return int(min(64, max(4, math.ceil(6 * num_values**0.25))))
+
+
+def numeric_bucket(value: tf.Tensor, boundaries: list[float]) -> tf.Tensor:
+    """`[batch]` float → `[batch]` int64 bucket: i for boundaries[i−1] ≤ v < boundaries[i]
+    (TensorFlow's core Bucketize, so TF Serving runs it), len(boundaries) + 1 for NaN."""
+    value = tf.cast(value, tf.float32)
+    missing = tf.math.is_nan(value)
+    bucket = tf.raw_ops.Bucketize(
+        input=tf.where(missing, 0.0, value), boundaries=[float(b) for b in boundaries]
+    )
+    return tf.cast(tf.where(missing, len(boundaries) + 1, bucket), tf.int64)

@@ -36,6 +36,7 @@ from recsys_cvae.model.cvae import CVAE, build_model
 from recsys_cvae.model.ease import ease_from_gram
 from recsys_cvae.model.model_dir import BEST_WEIGHTS, CONFIG_FILE, METRICS_FILE, TRAINED_ON
 from recsys_cvae.spec import FeatureSpec, absolute_local_path
+from recsys_cvae.training.attribute_blend import apply_lift, blend_lift
 from recsys_cvae.training.callbacks import BetaAnnealing, RankingValidation
 from recsys_cvae.training.dataset import make_dataset
 from recsys_cvae.training.ease_blend import add_ease, blend_closed_form, gram_matrix
@@ -118,13 +119,15 @@ def train(
     data: FitData | None = None,
     fixed_blend: dict[str, Any] | None = None,
     provenance: dict[str, Any] | None = None,
+    fixed_lift: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Trains the CVAE on `features_dir`'s train split; returns the best validation metrics.
 
     `data` (default: `train.protocol`'s train and validation splits, `protocols.fit_splits`)
     says what it learns from. `fixed_blend` ({"alpha", "l2"}, as a validated run chose them)
     adds α · EASE(λ) of this run's training users to the item-item branch instead of choosing
-    (λ, α) on validation: the serving refit has no validation split. `provenance` is recorded
+    (λ, α) on validation: the serving refit has no validation split; `fixed_lift` likewise
+    for the attribute lift (`attribute_blend`). `provenance` is recorded
     next to `data` under config.json's `trained_on`.
 
     Resumes from `model_dir/backup` when an earlier run stopped before finishing. Extra
@@ -164,8 +167,13 @@ def train(
         blend = _blend(model, spec, data, config, fixed_blend, run.best_weights)
         if blend is not None:
             result["linear_blend"] = blend
+    if run.chief and model.lift is not None:
+        lift = _lift(model, spec, data, config, fixed_lift, run.best_weights)
+        if lift is not None:
+            result["attribute_lift"] = lift
     validation.write(
-        linear_blend=result.get("linear_blend"), epochs_run=result["epochs_run"],
+        linear_blend=result.get("linear_blend"), attribute_lift=result.get("attribute_lift"),
+        epochs_run=result["epochs_run"],
         seconds=result["seconds"], strategy=result["strategy"], best_beta=result["best_beta"],
     )
     if not run.chief:
@@ -207,6 +215,30 @@ def _blend(
             model, spec, data.train[0], data.validation, config.train.batch_size,
             config.model.linear_blend_lambdas, config.model.linear_blend_weights,
             config.evaluate.selection_metric,
+        )
+    model.save_weights(best_weights)
+    return chosen
+
+
+def _lift(
+    model: CVAE, spec: FeatureSpec, data: FitData, config: Config,
+    fixed: dict[str, Any] | None, best_weights: str,
+) -> dict[str, Any] | None:
+    """The attribute lift on the best epoch's weights (after the EASE blend): chosen on
+    validation, or `fixed`'s choice recounted on this run's data; None when neither."""
+    settings = config.model
+    if fixed is None and not (data.validation and settings.attribute_lift_weights):
+        return None
+    model.load_weights(best_weights)
+    if fixed is not None:
+        apply_lift(model, spec, data.train, config.train.batch_size, data.fold_targets, fixed)
+        chosen = dict(fixed)
+    else:
+        chosen = blend_lift(
+            model, spec, data.train, data.validation, config.train.batch_size,
+            settings.attribute_lift_pseudo_users, settings.attribute_lift_weights,
+            config.evaluate.selection_metric, settings.attribute_lift_decoder_weights,
+            settings.attribute_lift_popularity_weights,
         )
     model.save_weights(best_weights)
     return chosen

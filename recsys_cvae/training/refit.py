@@ -7,7 +7,8 @@ the settings selection chose, on every interaction it has, and keeps evaluating 
 models. The refit reads the splits `protocols.refit_splits` names (together every user the
 feature job kept, each with every interaction: targets folded into the history), trains for
 the selected model's best epoch count with β annealed to the β of that epoch, and adds EASE's
-closed form at the (λ, α) the selected model's validation chose. There is no validation split
+closed form at the (λ, α) the selected model's validation chose, and the attribute lift at
+its (κ, γ_cold, γ_warm), recounted on all the data. There is no validation split
 left to tune on: everything it could tune comes from the selected model.
 
     W/model/   the refit (served: W/export), its config.json `trained_on` says from what
@@ -24,6 +25,7 @@ from typing import Any
 from recsys_cvae import protocols as P
 from recsys_cvae.config import Config
 from recsys_cvae.spec import FeatureSpec
+from recsys_cvae.training.attribute_blend import CHOICE
 from recsys_cvae.training.fit import FitData, train
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ def refit_config(config: Config, selected: dict[str, Any]) -> Config:
         settings.beta_cap = float(best_beta)
     settings.early_stopping_patience = 0
     config.model.linear_blend_lambdas = []
+    config.model.attribute_lift_weights = []
     return config
 
 
@@ -60,6 +63,7 @@ def refit(
     settings = refit_config(config, selected)
     settings.train.protocol = protocol
     blend = selected.get("linear_blend")
+    lift = selected.get("attribute_lift")
     data = FitData(splits, None, fold_targets=True)
     log.info(
         "refitting the served CVAE on %s (%d users, every interaction) for %d epochs",
@@ -69,6 +73,7 @@ def refit(
         features_dir, model_dir, settings,
         data=data,
         fixed_blend={"alpha": blend["alpha"], "l2": blend["l2"]} if blend else None,
+        fixed_lift={key: lift[key] for key in CHOICE if key in lift} if lift else None,
         provenance={"refit_of": protocol, "epochs": settings.train.epochs,
                     "beta_cap": settings.train.beta_cap},
     )

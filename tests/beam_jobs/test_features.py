@@ -211,6 +211,25 @@ def test_numeric_statistics_merge_in_bucket_order():
     assert F.mean_std([(0, {"x": (2, 10.0, 50.0)})]) == {"x": (5.0, 1.0)}  # constant -> 1.0
 
 
+def test_numeric_boundaries_are_the_training_quantiles_without_empty_buckets():
+    ages = [float(a) for a in range(1, 101)]  # 1..100
+    kinds = {"age": "numeric", "decade": "numeric", "flat": "numeric"}
+    examples = [
+        P.UserExample(S.TRAIN, f"u{a:g}", [], [],
+                      {"age": a, "decade": 10 * (a // 50), "flat": 7.0})
+        for a in ages
+    ]
+    halves = [(0, F.numeric_sums(examples[:30], kinds)), (1, F.numeric_sums(examples[30:], kinds))]
+    boundaries = F.numeric_boundaries(halves, 4)
+    # The 1/4, 2/4, 3/4 quantiles of 1..100, however the users fall into buckets.
+    assert boundaries["age"] == [25.0, 50.0, 75.0]
+    assert boundaries == F.numeric_boundaries(list(reversed(halves)), 4)
+    # Values 0, 10, 20 (decades): repeated quantiles collapse, none at the minimum.
+    assert boundaries["decade"] == [10.0]
+    assert boundaries["flat"] == []  # a constant has nothing to cut
+    assert F.numeric_boundaries(halves, 0) == {}
+
+
 def test_example_encoder_matches_protobuf_bytes():
     attributes = [
         S.AttributeSpec("age", "numeric"),

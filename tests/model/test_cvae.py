@@ -23,7 +23,12 @@ from recsys_cvae.model.losses import (
     logistic_log_likelihood,
     multinomial_log_likelihood,
 )
-from recsys_cvae.model.preprocessing import HISTORY_WEIGHTS, ConditionEncoder, ItemMultiHot
+from recsys_cvae.model.preprocessing import (
+    HISTORY_WEIGHTS,
+    ConditionEncoder,
+    ItemMultiHot,
+    embedding_size,
+)
 from tests.builders import write_tiny_features
 
 SMALL = ModelConfig(latent_dim=4, hidden_dims=[8], embedding_dim=3, condition_dim=5)
@@ -60,10 +65,31 @@ def test_condition_encoder_treats_missing_values_as_learnable_unknowns():
     assert c.shape == (3, 3)
     assert np.isfinite(c.numpy()).all()
     # "" and "mars" share the single OOV bucket; age NaN is 0 plus the missing flag.
-    lookup = layer.lookups[0]
+    lookup = layer.lookups["region"]
     np.testing.assert_array_equal(lookup(tf.constant(["", "mars", "n", "s"])).numpy(), [0, 0, 1, 2])
     with pytest.raises(KeyError, match="no attribute 'age'"):
         layer({"region": tf.constant(["n"])})
+
+
+def test_condition_encoder_buckets_numeric_values_at_the_spec_boundaries():
+    # Bucketize's rule: bucket i holds boundaries[i-1] <= v < boundaries[i]; NaN has its own.
+    attributes = [{"name": "age", "kind": "numeric", "mean": 40.0, "std": 10.0,
+                   "boundaries": [25.0, 40.0, 60.0]}]
+    layer = ConditionEncoder(attributes, embedding_dim=0, condition_dim=3, num_cross_layers=1)
+    ages = tf.constant([10.0, 25.0, 39.9, 40.0, 75.0, np.nan])
+    buckets = layer.bucket_indices({"age": ages})["age"].numpy()
+    np.testing.assert_array_equal(buckets, [0, 1, 1, 2, 3, 4])
+    assert layer({"age": ages}).shape == (6, 3)
+    # 3 boundaries: 4 buckets plus NaN's, embedded in ceil(6 * 5 ** 0.25) = 9 dimensions.
+    assert layer.embeddings["age"].output_dim == 9
+    assert embedding_size(2) == 8 and embedding_size(10**8) == 64
+
+
+def test_condition_encoder_without_boundaries_keeps_the_scalar_only():
+    attributes = [{"name": "age", "kind": "numeric", "mean": 40.0, "std": 10.0}]
+    layer = ConditionEncoder(attributes, embedding_dim=0, condition_dim=3, num_cross_layers=1)
+    assert layer.bucket_indices({"age": tf.constant([1.0])}) == {}
+    assert layer({"age": tf.constant([1.0, np.nan])}).shape == (2, 3)
 
 
 @pytest.mark.parametrize(
