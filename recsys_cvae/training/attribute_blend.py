@@ -35,8 +35,11 @@ from recsys_cvae.training.ease_blend import validation_score
 
 log = logging.getLogger(__name__)
 
-# Validation users scored per candidate; more costs memory (a few users × items arrays).
+# Validation users scored per candidate: at most this many, and at most MAX_VALIDATION_CELLS
+# users × items (a few such float32 arrays are held, and each of the grid's ~300 candidates
+# ranks one: on a 27k-item catalogue that is ~740 users, ~0.2 s a candidate).
 MAX_VALIDATION_USERS = 5_000
+MAX_VALIDATION_CELLS = 20_000_000
 
 
 def count_buckets(
@@ -114,10 +117,16 @@ def _validation_arrays(model: Any, spec: FeatureSpec, split: str, batch_size: in
         ids += batch["user_id"].numpy().tolist()
         warm += targets
         cold += [set(np.flatnonzero(row).tolist()) | t for row, t in zip(seen, targets)]
-        if len(warm) >= MAX_VALIDATION_USERS:
+        if len(warm) >= validation_users(spec.num_items):
             break
-    arrays = {name: np.concatenate(p) for name, p in parts.items() if p}
-    return {**arrays, "warm": warm, "cold": cold, "ids": ids}
+    n = validation_users(spec.num_items)  # the last batch may overshoot
+    arrays = {name: np.concatenate(p)[:n] for name, p in parts.items() if p}
+    return {**arrays, "warm": warm[:n], "cold": cold[:n], "ids": ids[:n]}
+
+
+def validation_users(num_items: int) -> int:
+    """How many validation users the grid scores for a catalogue of `num_items`."""
+    return max(1, min(MAX_VALIDATION_USERS, MAX_VALIDATION_CELLS // max(num_items, 1)))
 
 
 def _score(scores: np.ndarray, seen: np.ndarray, truth: list[set[int]], metric: str) -> float:
