@@ -129,12 +129,11 @@ def bucket_summary(bucket, layout_attributes: tuple[str, ...]) -> dict[str, Any]
                 scanned[name] = (True, numeric and is_number(value))
                 values[(name, value)] += 1
     ts = np.sort(bucket.timestamp[bucket.positive & ~np.isnan(bucket.timestamp)])
-    picks = np.linspace(0, len(ts) - 1, min(len(ts), QUANTILE_POINTS)).round().astype(int)
     all_ts = bucket.timestamp[~np.isnan(bucket.timestamp)]
     return {
         "scanned": scanned,
         "values": values,
-        "sample": (ts[picks].tolist(), len(ts)),
+        "sample": (even_sample(ts), len(ts)),
         "latest": float(all_ts.max()) if len(all_ts) else -math.inf,
     }
 
@@ -215,15 +214,17 @@ def numeric_sums(examples, kinds: dict[str, str]) -> dict[str, tuple]:
                 if not math.isnan(number):
                     values.setdefault(name, []).append(number)
     return {
-        name: (len(v), math.fsum(v), math.fsum(x * x for x in v), _even_sample(v))
+        name: (len(v), math.fsum(v), math.fsum(x * x for x in v),
+               even_sample(np.sort(np.asarray(v, dtype=np.float64))))
         for name, v in values.items()
     }
 
 
-def _even_sample(values: list[float]) -> list[float]:
-    ordered = np.sort(np.asarray(values, dtype=np.float64))
-    picks = np.unique(np.linspace(0, len(ordered) - 1, QUANTILE_POINTS).astype(np.int64))
-    return ordered[picks].tolist() if len(ordered) > QUANTILE_POINTS else ordered.tolist()
+def even_sample(ordered: np.ndarray) -> list[float]:
+    """Up to QUANTILE_POINTS evenly spaced values of the sorted `ordered` (all when fewer):
+    what `weighted_quantile` merges, for the temporal cut and the numeric boundaries."""
+    picks = np.linspace(0, len(ordered) - 1, min(len(ordered), QUANTILE_POINTS))
+    return ordered[picks.round().astype(int)].tolist()
 
 
 def mean_std(per_bucket: list[tuple[int, dict]]) -> dict[str, tuple[float, float]]:
