@@ -41,7 +41,6 @@ INTERACTION_SCHEMA = pa.schema([
     ("rating", pa.float64()), ("timestamp", pa.float64()),
 ])  # fmt: skip
 _NUMBER = r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?$"
-_SEPARATORS = {L.ML_100K: "\t", L.ML_1M: "::", L.CSV: ","}
 _SUSPICIOUS = r"[\x00-\x08\x0b-\x1f\x7f\x{feff}]"
 
 
@@ -88,8 +87,9 @@ def plan_chunks(layout: L.Layout, role: str, chunk_bytes: int = CHUNK_BYTES) -> 
             yield Chunk(path, first, group, group + 1)
             first += metadata.row_group(group).num_rows
         return
-    compressed = CompressionTypes.detect_compression_type(path) != CompressionTypes.UNCOMPRESSED
-    with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as f:
+    compression = layout.compression.get(role) or CompressionTypes.detect_compression_type(path)
+    compressed = compression != CompressionTypes.UNCOMPRESSED
+    with FileSystems.open(path, compression_type=compression) as f:
         start, line, carry = 0, 1, b""
         while True:
             block = f.read(chunk_bytes)
@@ -149,7 +149,7 @@ def _vectorised_interactions(layout: L.Layout, lines: pa.StringArray):
     if layout.name == L.CSV:
         suspicious = pc.or_(suspicious, pc.match_substring(lines, '"'))
     suspicious = pc.or_(suspicious, pc.greater(pc.utf8_length(lines), MAX_LINE_CHARS))
-    parts = pc.split_pattern(lines, _SEPARATORS[layout.name])
+    parts = pc.split_pattern(lines, layout.separator(L.INTERACTIONS))
     ok = pc.and_(pc.equal(pc.list_value_length(parts), len(columns)), pc.invert(suspicious))
     ok_np = ok.to_numpy(zero_copy_only=False)
     parts = parts.filter(ok)

@@ -24,7 +24,7 @@ from beam_jobs.feature_reading import DEAD
 from recsys_cvae import spec as S
 from recsys_cvae.config import FeaturesConfig
 from recsys_cvae.datasets import layouts as L
-from recsys_cvae.datasets.generic_tables import infer_kind
+from recsys_cvae.datasets.generic_tables import infer_kind, is_quantity
 from recsys_cvae.datasets.rows import is_number
 
 QUANTILE_POINTS = 4097  # per-bucket sample of the timestamps for the temporal cut
@@ -120,17 +120,21 @@ def item_vocabulary(state: FilterState) -> list[str]:
 
 def bucket_summary(bucket, layout_attributes: tuple[str, ...]) -> dict[str, Any]:
     """What one bucket contributes to kinds, vocabularies and times."""
-    scanned: dict[str, tuple[bool, bool]] = {}
+    scanned: dict[str, tuple[bool, bool, bool]] = {}
     values: Counter = Counter()
     for attributes in bucket.profiles.values():
         for name, value in attributes.items():
             if value:
-                seen, numeric = scanned.get(name, (False, True))
-                scanned[name] = (True, numeric and is_number(value))
+                _, quantity, number = scanned.get(name, (False, True, True))
+                scanned[name] = (
+                    True, quantity and is_quantity(value), number and is_number(value)
+                )
                 values[(name, value)] += 1
     ts = np.sort(bucket.timestamp[bucket.positive & ~np.isnan(bucket.timestamp)])
     all_ts = bucket.timestamp[~np.isnan(bucket.timestamp)]
+    active = bucket.users[np.unique(bucket.user)]
     return {
+        "without_profile": sum(1 for user in active if user not in bucket.profiles),
         "scanned": scanned,
         "values": values,
         "sample": (even_sample(ts), len(ts)),
@@ -142,7 +146,8 @@ class MergeSummariesFn(beam.CombineFn):
     """bucket_summary dicts -> one: kinds scanned, value counts, time samples, latest time."""
 
     def create_accumulator(self):
-        return {"scanned": {}, "values": Counter(), "samples": [], "latest": -math.inf}
+        return {"scanned": {}, "values": Counter(), "samples": [], "latest": -math.inf,
+                "without_profile": 0}
 
     def add_input(self, acc, summary):
         return self.merge_accumulators(
@@ -152,12 +157,14 @@ class MergeSummariesFn(beam.CombineFn):
     def merge_accumulators(self, accs):
         merged = self.create_accumulator()
         for acc in accs:
-            for name, (seen, numeric) in acc["scanned"].items():
-                old_seen, old_numeric = merged["scanned"].get(name, (False, True))
-                merged["scanned"][name] = (seen or old_seen, numeric and old_numeric)
+            for name, flags in acc["scanned"].items():
+                old = merged["scanned"].get(name, (False, True, True))
+                merged["scanned"][name] = (flags[0] or old[0], flags[1] and old[1],
+                                           flags[2] and old[2])
             merged["values"].update(acc["values"])
             merged["samples"].extend(acc["samples"])
             merged["latest"] = max(merged["latest"], acc["latest"])
+            merged["without_profile"] += acc.get("without_profile", 0)
         return merged
 
     def extract_output(self, acc):
@@ -186,9 +193,28 @@ def decide_kinds(scanned: dict, layout: L.Layout) -> dict[str, str]:
     """attribute -> kind: the layout's fixed (or configured) kind, else inferred from values."""
     kinds = {}
     for name in layout.attributes:
-        any_value, all_numeric = scanned.get(name, (False, True))
-        kinds[name] = layout.kinds.get(name) or infer_kind(all_numeric, any_value)
+        any_value, all_quantities, _ = scanned.get(name, (False, True, True))
+        kinds[name] = layout.kinds.get(name) or infer_kind(all_quantities, any_value)
     return kinds
+
+
+def kind_reasons(scanned: dict, layout: L.Layout) -> dict[str, str]:
+    """attribute -> why it has its kind, in words for the summary a user reads: a column read
+    as a number, or not, is the decision they most often need to override."""
+    reasons = {}
+    for name in layout.attributes:
+        any_value, all_quantities, all_numbers = scanned.get(name, (False, True, True))
+        if name in layout.kind_sources:
+            reasons[name] = f"set by {layout.kind_sources[name]}"
+        elif not any_value:
+            reasons[name] = "no values, so categorical"
+        elif all_quantities:
+            reasons[name] = "every value a number"
+        elif all_numbers:
+            reasons[name] = "digits with a leading 0 or +, so kept as codes"
+        else:
+            reasons[name] = "values that are not numbers"
+    return reasons
 
 
 def attribute_vocabularies(values: Counter, kinds: dict[str, str]) -> dict[str, list[str]]:
@@ -358,6 +384,8 @@ def feature_spec(
         users_per_split=users_per_split,
         filter_rounds=summary["filter"]["rounds"],
         temporal_cut_timestamp=summary["temporal_cut_timestamp"],
+        kind_reasons=summary.get("kind_reasons", {}),
+        users_without_profile=summary.get("users_without_profile"),
         files={
             source: {
                 "rows_read": stats["rows_read"],
@@ -400,5 +428,37 @@ def format_summary(spec: S.FeatureSpec, output_dir: str) -> str:
         f"  {counts['users']} users, {counts['items']} items, {len(spec.attributes)} attributes;"
         f" protocols {', '.join(spec.protocols)}\n"
         f"  users per split: {per_split}\n"
+        + _profile_line(counts)
+        + "".join(f"  {line}\n" for line in _attribute_lines(spec))
+        + 
         f"  wrote {posixpath.join(output_dir, S.SPEC_FILE)}"
     )
+
+
+def _profile_line(counts: dict) -> str:
+    """Users who interacted but have no row in the users file: said, since their attributes
+    are unknown everywhere (training, segments, the report) and a join gone wrong looks so."""
+    missing = counts.get("users_without_profile")
+    if not missing:
+        return ""
+    return (f"  {missing} users in the interactions have no row in the users file: their "
+            "attributes are unknown\n")
+
+
+def _attribute_lines(spec: S.FeatureSpec) -> list[str]:
+    """One line per attribute: its kind, what it holds, and why it has that kind."""
+    reasons = spec.counts.get("kind_reasons", {})
+    if not spec.attributes:
+        return ["no user attributes (no users file, or one with user_id only): no cold-start "
+                "split; generate takes no inputs and returns one list for a user nobody knows"]
+    lines = []
+    for attribute in spec.attributes:
+        if attribute.kind == S.CATEGORICAL:
+            held = f"{attribute.vocabulary_size} values"
+        elif attribute.boundaries:
+            held = f"{len(attribute.boundaries) + 1} buckets"
+        else:
+            held = "scalar"
+        why = reasons.get(attribute.name, attribute.source)
+        lines.append(f"attribute {attribute.name}: {attribute.kind} ({held}; {why})")
+    return lines

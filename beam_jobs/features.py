@@ -31,6 +31,7 @@ two runs over the same input and config write identical TFRecords, vocabularies 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import posixpath
 import sys
@@ -102,6 +103,10 @@ class _WriteSummaryFn(beam.DoFn):
             "users": sum(users for _, _, _, users in stats),
             "filter": {"rounds": state.rounds, "converged": state.converged},
             "temporal_cut_timestamp": cut,
+            "kind_reasons": F.kind_reasons(summary["scanned"], self.layout),
+            "users_without_profile": (
+                summary["without_profile"] if L.USERS in self.layout.paths else None
+            ),
         }
         S.write_text(posixpath.join(self.output_dir, SUMMARY_FILE), json.dumps(job) + "\n")
         yield job
@@ -258,6 +263,8 @@ def build_features(
     layout = L.detect_layout(data_dir, config.categorical, config.numeric, config.drop_attributes)
     _check_layout_supports(config, layout)
     protocols = choose_protocols(config, layout)
+    if S.COLD_START not in protocols:  # no attributes: no user is held out for cold start
+        config = dataclasses.replace(config, cold_fraction=0.0)
     _clear_outputs(output_dir)
     options = pipeline_options(pipeline_args, save_main_session)
     with test_pipeline or beam.Pipeline(options=options) as pipeline:
@@ -310,7 +317,10 @@ def _check_summary(
 
 def choose_protocols(config: FeaturesConfig, layout: L.Layout) -> list[str]:
     """features.protocols, or every protocol the data supports (temporal needs timestamps)."""
-    supported = [p for p in P.ALL_PROTOCOLS if p != S.TEMPORAL or layout.has_timestamp]
+    supported = [
+        p for p in P.ALL_PROTOCOLS
+        if (p != S.TEMPORAL or layout.has_timestamp) and (p != S.COLD_START or layout.attributes)
+    ]
     if not config.protocols:
         return supported
     unknown = sorted(set(config.protocols) - set(P.ALL_PROTOCOLS))
@@ -322,6 +332,11 @@ def choose_protocols(config: FeaturesConfig, layout: L.Layout) -> list[str]:
         raise ConfigError(
             f"{layout.paths[L.INTERACTIONS]}: the temporal protocol needs a timestamp column; "
             "drop it from features.protocols"
+        )
+    if S.COLD_START in config.protocols and not layout.attributes:
+        raise ConfigError(
+            f"{layout.data_dir}: the cold protocol needs user attributes (a users file with "
+            "columns besides user_id); drop it from features.protocols or add users.csv"
         )
     return [p for p in P.ALL_PROTOCOLS if p in config.protocols]
 

@@ -16,9 +16,12 @@ Failures exit non-zero with one line on stderr; `--debug` shows the traceback as
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 from recsys_cvae.config import Config, load_config
@@ -158,6 +161,11 @@ def _add_serving_commands(sub: argparse._SubParsersAction) -> None:
         metavar="NAME=VALUE",
         help="one raw profile column, e.g. zip_code=55105 (repeatable)",
     )
+    p.add_argument("--k", type=int, default=0,
+                   help="print the top K items (default 0: every item the export returns)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse an attribute value the local export (WORKDIR/export) was not "
+                   "trained on, instead of noting it and asking anyway")
     _add_common(p)
 
 
@@ -277,11 +285,12 @@ def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
         run_serve(args, workdir_from_args(args))
         return 0
     if args.command == "query":
-        print(run_query(args))
+        print(run_query(args, workdir_from_args(args)), flush=True)
         return 0
     # Deferred: the stages import TensorFlow (seconds), which `--help`, `serve` and `query`
     # never need from here.
-    from recsys_cvae.pipeline import stages
+    with _native_stderr_hidden(not args.debug):
+        from recsys_cvae.pipeline import stages
 
     work = workdir_from_args(args)
     if args.command == "features":
@@ -295,9 +304,11 @@ def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
         for label, export_dir in stages.run_export(work, config).items():
             print(f"{label}: {export_dir}")
     elif args.command == "candidates":
-        print(stages.run_candidates(
+        written = stages.run_candidates(
             beam_jobs(), work, config, beam_args, export_dir=args.export_dir or ""
-        ))
+        )
+        users = ", ".join(f"{split} {n} users" for split, n in written.items())
+        print(f"candidates: {users or 'no split asked for'}; in {work.candidates}")
     elif args.command == "baselines":
         print("wrote baselines:", ", ".join(stages.run_baselines(beam_jobs(), work, config)))
     elif args.command == "evaluate":
@@ -325,9 +336,17 @@ def run_serve(args: argparse.Namespace, work: Workdir) -> NoReturn:
     exit_after_stop(0)  # the command ends here; skip the slow interpreter teardown
 
 
-def run_query(args: argparse.Namespace) -> str:
-    from serving.client import query  # deferred: grpc and the serving protos
+def run_query(args: argparse.Namespace, work: Workdir) -> str:
+    """One call and its printable answer; unknown attribute values are checked against the
+    local export of `--workdir`/`--export-base` when there is one."""
+    from serving.known_values import newest_local_version, unknown_values
+    from serving.proto_imports import use_tensorflow_protos_only
 
+    use_tensorflow_protos_only()  # a one-shot client: protos without TensorFlow's start-up
+    from serving.client import query
+
+    if args.k < 0:
+        raise ValueError(f"--k must be 0 (every item the model returns) or more, got {args.k}")
 
     attributes = {}
     for pair in args.attr:
@@ -336,8 +355,16 @@ def run_query(args: argparse.Namespace) -> str:
             raise ValueError(f"--attr {pair!r}: expected NAME=VALUE")
         attributes[name] = value
     items = [item for item in args.items.split(",") if item]
+    export_dir = newest_local_version(work.export)
+    unknown = unknown_values(export_dir, attributes) if export_dir else []
+    if unknown:
+        what = (f"{', '.join(unknown)}: not among the values {export_dir} was trained on")
+        if args.strict:
+            raise ValueError(f"{what}; fix the value, or drop --strict to ask anyway")
+        print(f"recsys-cvae query: note: {what}; the model answers as for an unknown value",
+              file=sys.stderr)
     return query(args.target, args.model_name, args.signature, items, attributes, args.timeout_s,
-                 tls=args.tls, root_certificates=args.ssl_root_cert)
+                 tls=args.tls, root_certificates=args.ssl_root_cert, k=args.k)
 
 
 def _configure_logging(quiet: bool, debug: bool) -> None:
@@ -352,13 +379,45 @@ def _configure_logging(quiet: bool, debug: bool) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if debug else ours)
     if not debug:
         logging.getLogger("apache_beam").setLevel(logging.ERROR)
-        # Beam 2.77's RunInference imports its ModelManager together with `resource`; the
-        # former needs torch, so without torch it warns on every batch that memory usage
-        # cannot be read. Harmless here, and not worth a torch install.
         for handler in logging.getLogger().handlers:
             handler.addFilter(
-                lambda record: not record.getMessage().startswith("Resource module is not")
+                lambda record: not record.getMessage().startswith(_HARMLESS_WARNINGS)
             )
+    # TensorFlow's C++ logging (oneDNN, CUDA probing, cuInit failing on a machine without a
+    # GPU): set before TensorFlow loads, so it reaches this process and every subprocess.
+    # Errors that matter reach the user as Python exceptions either way.
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0" if debug else "3"
+
+
+# Root-logger warnings Beam prints on import or per batch, harmless here:
+# - RunInference imports its ModelManager together with `resource`, which needs torch, so
+#   without torch it warns on every batch that memory usage cannot be read;
+# - the BigQuery client is imported although no job here uses it, and warns without apitools.
+_HARMLESS_WARNINGS = ("Resource module is not", "apitools not found")
+
+
+@contextlib.contextmanager
+def _native_stderr_hidden(hidden: bool) -> Iterator[None]:
+    """Hides what C++ code writes to stderr while TensorFlow loads (absl's "All log messages
+    before absl::InitializeLog()" lines come before any log level applies); shows it when the
+    import fails, so a broken install still says why."""
+    if not hidden:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode("utf-8", "replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -370,6 +429,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("recsys-cvae: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `recsys-cvae query ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 0
     except Exception as error:  # the boundary: one line for the user, the trace on request
         if args.debug:
             raise

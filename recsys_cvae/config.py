@@ -198,7 +198,8 @@ class TrainConfig:
       num_logical_cpus: with `mirrored` and no GPU, split the CPU into this many devices.
       early_stopping_patience: epochs without a better validation NDCG@10 before stopping.
       seed: TensorFlow and Python seeds.
-      verbose: Keras progress output (0 silent, 1 bar, 2 one line per epoch).
+      verbose: Keras progress output (0 silent, 1 bar, 2 one line per epoch); the bar becomes
+        one line per epoch when stdout is not a terminal.
       mixed_precision: compute in float16 (`mixed_float16`, for GPUs) with float32 logits
         and loss; variables stay float32.
       protocol: the main protocol, whose CVAE answers cold start in the evaluation and whose
@@ -378,7 +379,36 @@ def _assign(config: Config, section: str, name: str, value: Any, where: str) -> 
             f"{where}: unknown field {section}.{name}; {section} has {sorted(fields)}"
         )
     hint = typing.get_type_hints(type(stage))[name]
-    setattr(stage, name, _coerce(value, hint, f"{section}.{name}", where))
+    value = _coerce(value, hint, f"{section}.{name}", where)
+    _check_bounds(f"{section}.{name}", value, where)
+    setattr(stage, name, value)
+
+
+# Fields whose value has a floor the code below relies on: (smallest value, what it means).
+# Checked where the value is read, so the message names the field, not a Keras argument.
+_LOWER_BOUNDS = {
+    "train.epochs": (1, "at least one pass over the training users"),
+    "train.batch_size": (0, "0 picks it from the data size"),
+    "train.early_stopping_patience": (0, "0 stops at the first epoch without a gain"),
+    "train.num_logical_cpus": (1, "at least one device"),
+    "model.latent_dim": (1, "at least one latent dimension"),
+    "model.condition_dim": (1, "at least one unit"),
+    "export.top_k": (1, "at least one item per answer"),
+    "candidates.min_batch_size": (1, "at least one user per call"),
+    "candidates.max_batch_size": (1, "at least one user per call"),
+    "features.min_user_interactions": (1, "a user needs an interaction to train"),
+    "features.min_item_interactions": (1, "an item needs an interaction to be learnt"),
+    "evaluate.bootstrap_replicates": (0, "0 reports no intervals"),
+}
+_POSITIVE = {"train.learning_rate"}
+
+
+def _check_bounds(key: str, value: Any, where: str) -> None:
+    if key in _LOWER_BOUNDS and value < _LOWER_BOUNDS[key][0]:
+        floor, meaning = _LOWER_BOUNDS[key]
+        raise ConfigError(f"{where}: {key} must be at least {floor} ({meaning}), got {value}")
+    if key in _POSITIVE and not value > 0:
+        raise ConfigError(f"{where}: {key} must be more than 0, got {value}")
 
 
 def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:

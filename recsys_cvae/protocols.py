@@ -160,7 +160,10 @@ def cvae_plan(spec: S.FeatureSpec, config: Config) -> list[ProtocolFit]:
     """One CVAE per protocol `train.protocols` chooses; the main one also answers
     `candidates.splits` (cold start by default)."""
     main, chosen = cvae_protocols(spec, config.train)
-    return plan(spec, main, chosen, config.candidates.splits)
+    # Features without user attributes hold no cold split (nothing to condition on): the
+    # default ask for it lapses; any other split asked for fails where it is read.
+    extra = [s for s in config.candidates.splits if s in spec.splits or s != S.COLD]
+    return plan(spec, main, chosen, extra)
 
 
 def baseline_plan(spec: S.FeatureSpec, config: Config) -> list[ProtocolFit]:

@@ -456,12 +456,13 @@ def serving_inputs(spec: FeatureSpec) -> list[ServingInput]:
                 f"column {name!r} is a numeric attribute and the source of derived attribute(s) "
                 f"{[a.name for a in derived]}, which read it as a string"
             )
+        # No annotated assignment here: AutoGraph (this runs inside the candidates job's
+        # tf.function) cannot convert one and warns on every trace.
+        stored_as = None
         if raw:
-            stored_as: str | None = raw[0].name
+            stored_as = raw[0].name
         elif len({a.derivation for a in derived}) == 1:
             stored_as = derived[0].name
-        else:
-            stored_as = None
         kind = CATEGORICAL if derived else attributes[0].kind
         inputs.append(ServingInput(name, kind, tuple(a.name for a in attributes), stored_as))
     for attribute in spec.attributes:

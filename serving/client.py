@@ -19,7 +19,6 @@ import time
 
 import grpc
 import numpy as np
-import tensorflow as tf
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -27,6 +26,8 @@ from tensorflow_serving.apis import (
     predict_pb2,
     prediction_service_pb2_grpc,
 )
+
+from serving.tensor_protos import dtype_name, numpy_dtype, to_ndarray, to_tensor_proto
 
 HISTORY_INPUT = "item_ids"
 MIB = 1024 * 1024
@@ -168,9 +169,9 @@ class RecommenderClient:
         request = predict_pb2.PredictRequest(output_filter=output_filter or [])
         self._model_spec(request.model_spec, signature_name)
         for key, value in inputs.items():
-            request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+            request.inputs[key].CopyFrom(to_tensor_proto(value))
         response = self._call(self._predict.Predict, request)
-        return {key: tf.make_ndarray(proto) for key, proto in response.outputs.items()}
+        return {key: to_ndarray(proto) for key, proto in response.outputs.items()}
 
     def recommend(
         self, histories: list[list[str]], attributes: dict[str, list]
@@ -246,7 +247,7 @@ def _tls_credentials(root_certificates: str | None) -> grpc.ChannelCredentials:
 def _tensor_infos(infos) -> dict[str, dict]:
     return {
         key: {
-            "dtype": tf.dtypes.as_dtype(info.dtype).name,
+            "dtype": dtype_name(info.dtype),
             "shape": None if info.tensor_shape.unknown_rank
             else [d.size for d in info.tensor_shape.dim],
         }
@@ -279,13 +280,13 @@ def _attribute_array(name: str, values: list, dtype: str) -> np.ndarray:
                 out.append(float(value))
             except (TypeError, ValueError):
                 raise ValueError(f"attribute {name}: expected a number, got {value!r}") from None
-        return np.array(out, dtype=tf.dtypes.as_dtype(dtype).as_numpy_dtype)
+        return np.array(out, dtype=numpy_dtype(dtype))
     if dtype.startswith("int"):
         try:
             integers = [int(v) for v in values]
         except (TypeError, ValueError):
             raise ValueError(f"attribute {name}: expected integers, got {values!r}") from None
-        return np.array(integers, dtype=tf.dtypes.as_dtype(dtype).as_numpy_dtype)
+        return np.array(integers, dtype=numpy_dtype(dtype))
     raise ValueError(f"attribute {name}: unsupported input dtype {dtype}")
 
 
@@ -335,7 +336,7 @@ def format_encoding(outputs: dict[str, np.ndarray]) -> str:
 def query(
     target: str, model_name: str, signature: str, items: list[str],
     attributes: dict[str, str], timeout_s: float = 5.0, tls: bool = False,
-    root_certificates: str | None = None,
+    root_certificates: str | None = None, k: int = 0,
 ) -> str:
     """One call for `recsys-cvae query`: one user, the printable answer.
 
@@ -344,16 +345,20 @@ def query(
       items: the user's history (ignored by generate).
       attributes: name -> value as typed on the command line ("34" for a numeric attribute).
       tls, root_certificates: as for RecommenderClient.
+      k: print the first k items only (0: all the signature returns).
     """
+    def top(ranked: list[list[tuple[str, float]]]) -> str:
+        return format_recommendations([r[:k] if k else r for r in ranked])
+
     with RecommenderClient(target, model_name=model_name, timeout_s=timeout_s, tls=tls,
                            root_certificates=root_certificates) as client:
         one_user = {name: [value] for name, value in attributes.items()}
         if signature == "recommend":
-            return format_recommendations(client.recommend([items], one_user))
+            return top(client.recommend([items], one_user))
         if signature == "generate":
             if not one_user:
                 one_user = {_first_attribute(client, "generate"): [None]}
-            return format_recommendations(client.generate(one_user))
+            return top(client.generate(one_user))
         if signature == "encode":
             return format_encoding(client.encode([items], one_user))
     raise ValueError(f"signature must be recommend, generate or encode, got {signature!r}")

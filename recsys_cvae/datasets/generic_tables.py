@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 from recsys_cvae.datasets.errors import InputError
-from recsys_cvae.datasets.rows import INTERACTIONS, ITEMS, USERS
+from recsys_cvae.datasets.rows import INTERACTIONS, ITEMS, USERS, is_number
 from recsys_cvae.spec import CATEGORICAL, NUMERIC
 
 CSV = "csv"
@@ -46,23 +46,36 @@ class Headers(NamedTuple):
     users: tuple[str, ...]
     items: tuple[str, ...]
     raw_interactions: tuple[str, ...]
+    separators: dict[str, str]
 
 
-def read_headers(name: str, paths: Mapping[str, str]) -> Headers:
+def read_headers(
+    name: str, paths: Mapping[str, str], compression: Mapping[str, str]
+) -> Headers:
     """Reads and checks the header of every table of a `csv` or `parquet` layout.
 
     Args:
       name: `csv` or `parquet`.
       paths: role -> file path of the files present (`interactions` is always there).
+      compression: role -> `gzip` or `uncompressed`, as sniffed from the bytes (CSV only).
 
     Raises:
-      InputError: a header is unreadable or empty, repeats a column, or lacks user_id/item_id.
+      InputError: a header is unreadable or empty, repeats a column, lacks user_id/item_id,
+        or the file has no row after it.
     """
-    header = _parquet_columns if name == PARQUET else _csv_columns
-    interactions = header(paths[INTERACTIONS])
+    separators = {}
+    tables = {}
+    for role, path in paths.items():
+        if name == PARQUET:
+            tables[role] = _parquet_columns(path)
+        else:
+            tables[role], separators[role] = _csv_columns(
+                path, compression.get(role, "auto"), require_rows=role == INTERACTIONS
+            )
+    interactions = tables[INTERACTIONS]
     _check_interaction_columns(paths[INTERACTIONS], interactions)
-    users = header(paths[USERS]) if USERS in paths else ()
-    items = header(paths[ITEMS]) if ITEMS in paths else ()
+    users = tables.get(USERS, ())
+    items = tables.get(ITEMS, ())
     if users and "user_id" not in users:
         raise InputError(
             f"{paths[USERS]}: no user_id column; expected header user_id,<attributes...>, "
@@ -71,21 +84,56 @@ def read_headers(name: str, paths: Mapping[str, str]) -> Headers:
     if items and "item_id" not in items:
         raise InputError(f"{paths[ITEMS]}: no item_id column; got {','.join(items)}")
     if name == CSV:
-        return Headers(_keep_known(interactions), users, items, raw_interactions=interactions)
-    return Headers(interactions, users, items, raw_interactions=())
+        return Headers(
+            _keep_known(interactions), users, items, raw_interactions=interactions,
+            separators=separators,
+        )
+    return Headers(interactions, users, items, raw_interactions=(), separators={})
 
 
 def infer_kind(values_are_numeric: bool, any_value: bool) -> str:
-    """A generic column is numeric when it has values and every non-empty one is a number.
+    """A generic column is numeric when it has values and every non-empty one is a number
+    (`is_quantity`).
 
     A column with no values at all stays categorical: there is no evidence it is a number.
     """
     return NUMERIC if values_are_numeric and any_value else CATEGORICAL
 
 
-def split_csv_line(line: str) -> list[str]:
-    """The fields of one CSV line (quoted fields may hold commas, not line breaks)."""
-    return next(csv.reader([line]), [])
+def is_quantity(text: str) -> bool:
+    """True when `text` reads as a quantity, not a code written in digits.
+
+    A finite number ("3", "-1.5", "2e3", "0.25") is a quantity, unless it is spelled the way
+    codes are: a leading zero before another digit ("00501", a zip code; "0.5" is fine) or
+    a leading "+" ("+4420...", a phone number). Such a column stays categorical, so its
+    values keep their spelling end to end.
+    """
+    if not is_number(text):
+        return False
+    digits = text.lstrip("-")
+    if text.startswith("+") or (len(digits) > 1 and digits[0] == "0" and digits[1].isdigit()):
+        return False
+    return True
+
+
+def split_csv_line(line: str, separator: str = ",") -> list[str]:
+    """The fields of one CSV line (quoted fields may hold separators, not line breaks)."""
+    return next(csv.reader([line], delimiter=separator), [])
+
+
+def string_columns(path: str) -> tuple[str, ...]:
+    """The columns of a Parquet file typed as strings: categorical whatever their values."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        schema = pq.ParquetFile(f).schema_arrow
+    return tuple(
+        field.name for field in schema
+        if pa.types.is_string(field.type) or pa.types.is_large_string(field.type)
+        or pa.types.is_dictionary(field.type) and pa.types.is_string(field.type.value_type)
+    )  # fmt: skip
 
 
 def parquet_fields(raw: Mapping[str, Any]) -> dict[str, str]:
@@ -123,21 +171,54 @@ def _keep_known(columns: tuple[str, ...]) -> tuple[str, ...]:
     )
 
 
-def _csv_columns(path: str) -> tuple[str, ...]:
+def _csv_columns(
+    path: str, compression: str, require_rows: bool
+) -> tuple[tuple[str, ...], str]:
+    """(columns, separator) of a CSV file's header; the separator is sniffed from it.
+
+    An interactions file with a header and no row is refused here, by name: there is nothing
+    to learn from, and later steps would fail on it with messages about something else.
+    """
     from apache_beam.io.filesystems import FileSystems
 
-    with FileSystems.open(path, compression_type="uncompressed") as f:
+    with FileSystems.open(path, compression_type=compression) as f:
         first = f.readline()
+        rest = f.readline()
+        while rest and not rest.strip():
+            rest = f.readline()
     try:
         text = first.decode("utf-8-sig").rstrip("\r\n")
     except UnicodeDecodeError:
-        raise InputError(f"{path}: the header line is not UTF-8") from None
+        raise InputError(
+            f"{path}: the header line is not UTF-8 text; expected a CSV header such as "
+            "user_id,item_id (a compressed file? only gzip is recognised)"
+        ) from None
     if not text.strip():
         raise InputError(f"{path}: empty file; expected a header line")
-    columns = tuple(c.strip() for c in next(csv.reader([text])))
+    separator = sniff_separator(text)
+    columns = tuple(c.strip() for c in next(csv.reader([text], delimiter=separator)))
     if len(set(columns)) != len(columns):
         raise InputError(f"{path}: header repeats a column: {text}")
-    return columns
+    if require_rows and not rest:
+        raise InputError(
+            f"{path}: only a header line ({text}), no rows; expected at least one data row "
+            "after it"
+        )
+    return columns, separator
+
+
+SEPARATORS = (",", ";", "\t", "|")
+
+
+def sniff_separator(header: str) -> str:
+    """The separator of a CSV header: the first of `SEPARATORS` that splits it, else ",".
+
+    A header that holds commas is comma-separated (a quoted name may hold the others).
+    """
+    for separator in SEPARATORS:
+        if separator in header:
+            return separator
+    return ","
 
 
 def _parquet_columns(path: str) -> tuple[str, ...]:
@@ -146,9 +227,15 @@ def _parquet_columns(path: str) -> tuple[str, ...]:
 
     try:
         with FileSystems.open(path, compression_type="uncompressed") as f:
-            return tuple(pq.ParquetFile(f).schema_arrow.names)
+            parquet = pq.ParquetFile(f)
+            names, rows = tuple(parquet.schema_arrow.names), parquet.metadata.num_rows
     except Exception as error:  # pyarrow raises several types for a broken file
         raise InputError(f"{path}: not a readable Parquet file ({error})") from None
+    if rows == 0:
+        raise InputError(
+            f"{path}: no rows (columns {','.join(names)}); expected at least one row"
+        )
+    return names
 
 
 def _parquet_text(value: Any) -> str:

@@ -27,6 +27,7 @@ header is line 1), or its 1-based row number in a Parquet file.
 from __future__ import annotations
 
 import dataclasses
+import os
 import posixpath
 import re
 from collections.abc import Iterator, Mapping
@@ -51,9 +52,14 @@ from recsys_cvae.datasets.rows import (
 from recsys_cvae.derivations import derive
 from recsys_cvae.spec import CATEGORICAL, NUMERIC, RESERVED_NAMES
 
-# Detection looks for the interactions file of each layout, in this order.
+# Detection looks for the interactions file of each layout, in this order; every text file
+# may also be gzipped under its name + ".gz".
 _FILE_NAMES = {**movielens.FILE_NAMES, **generic_tables.FILE_NAMES}
 _ATTRIBUTE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_GZIP_MAGIC = b"\x1f\x8b"
+# Names the serving signatures use for their own inputs (`export.saved_model.HISTORY_INPUT`):
+# an attribute input of the same name would collide with them.
+SIGNATURE_INPUT_NAMES = frozenset({"item_ids"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +83,11 @@ class Layout:
         the serving signatures take the raw column.
       encoding: text encoding of the files (latin-1 for MovieLens, UTF-8 otherwise).
       raw_interaction_columns: the CSV interactions header as written (to spot it repeated).
+      compression: role -> `gzip` or `uncompressed`, sniffed from each file's first bytes
+        (so `interactions.csv` holding gzip bytes reads, and `.gz` is not trusted blindly).
+      separators: role -> field separator of a CSV file, sniffed from its header.
+      kind_sources: attribute -> why its kind is fixed (`features.categorical`, `its Parquet
+        string column`, the MovieLens layout); attributes absent here are inferred.
     """
 
     name: str
@@ -90,6 +101,9 @@ class Layout:
     derived: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
     encoding: str = "utf-8"
     raw_interaction_columns: tuple[str, ...] = ()
+    compression: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    separators: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    kind_sources: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def has_header(self) -> bool:
@@ -105,6 +119,12 @@ class Layout:
 
     def path(self, role: str) -> str | None:
         return self.paths.get(role)
+
+    def separator(self, role: str) -> str:
+        """The field separator of the `role` file."""
+        if self.name == CSV:
+            return self.separators.get(role, ",")
+        return movielens.SEPARATORS[self.name][role] if self.name in movielens.SEPARATORS else ""
 
     def parse(self, role: str, raw: bytes | Mapping[str, Any]) -> Interaction | UserRow | ItemRow:
         """Parses one raw row of the `role` file (bytes of a text line, or a Parquet row dict).
@@ -134,9 +154,9 @@ class Layout:
             return generic_tables.parquet_fields(raw)
         line = decode_line(raw, self.encoding)
         if self.name == CSV:
-            values = generic_tables.split_csv_line(line)
+            values = generic_tables.split_csv_line(line, self.separator(role))
         else:
-            values = line.split(movielens.SEPARATORS[self.name][role])
+            values = line.split(self.separator(role))
         if self.name == CSV and [v.strip() for v in values] == list(self._header(role)):
             raise BadRow("repeated_header", "the header line again (files concatenated?)")
         return named_fields(self._columns(role), values)
@@ -202,37 +222,101 @@ def detect_layout(
         override naming an unknown attribute; the message names the directory or file.
     """
     name, paths = _find_files(data_dir)
-    layout = _read_columns(name, data_dir, paths)
+    compression = {role: sniff_compression(path) for role, path in paths.items()}
+    layout = _read_columns(name, data_dir, paths, compression)
     return _apply_overrides(layout, categorical, numeric, drop_attributes)
 
 
+def sniff_compression(path: str) -> str:
+    """`gzip` when the file starts with gzip's magic bytes, else `uncompressed`.
+
+    Parquet files compress inside (their own pages), so they always read as `uncompressed`.
+    """
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        return "gzip" if f.read(2) == _GZIP_MAGIC else "uncompressed"
+
+
 def _find_files(data_dir: str) -> tuple[str, dict[str, str]]:
-    """The one layout whose interactions file `data_dir` holds, and its files that exist."""
+    """The one layout whose interactions file `data_dir` holds, and its files that exist.
+
+    Each file may be plain or gzipped under its name + ".gz" (`interactions.csv.gz`); a
+    Parquet file under its own name only.
+    """
     from apache_beam.io.filesystems import FileSystems
 
     if not FileSystems.exists(data_dir):
         raise InputError(f"{data_dir}: data directory not found")
-    present = {
-        name: {role: _join(data_dir, f) for role, f in files.items()}
+    if "://" not in data_dir and not os.path.isdir(data_dir):
+        raise InputError(f"{data_dir}: not a folder; expected the folder that holds the files")
+    found = {
+        name: {role: _variant(data_dir, name, f) for role, f in files.items()}
         for name, files in _FILE_NAMES.items()
-        if FileSystems.exists(_join(data_dir, files[INTERACTIONS]))
     }
+    present = {name: files for name, files in found.items() if files[INTERACTIONS]}
     if not present:
         raise InputError(
             f"{data_dir}: no input layout recognised; expected u.data (MovieLens-100K), "
-            "ratings.dat (MovieLens-1M), interactions.csv or interactions.parquet (generic)"
+            "ratings.dat (MovieLens-1M), interactions.csv or interactions.parquet (generic), "
+            "or a text one gzipped as <name>.gz"
         )
     if len(present) > 1:
-        found = ", ".join(_FILE_NAMES[name][INTERACTIONS] for name in present)
-        raise InputError(f"{data_dir}: holds {found}; keep the files of one layout only")
+        names = ", ".join(posixpath.basename(files[INTERACTIONS]) for files in present.values())
+        raise InputError(f"{data_dir}: holds {names}; keep the files of one layout only")
     (name, candidates), = present.items()
-    return name, {role: path for role, path in candidates.items() if FileSystems.exists(path)}
+    return name, {role: path for role, path in candidates.items() if path}
 
 
-def _read_columns(name: str, data_dir: str, paths: dict[str, str]) -> Layout:
+def _variant(data_dir: str, layout: str, file_name: str) -> str:
+    """The path of `file_name` or `file_name.gz` in `data_dir`, "" when neither exists."""
+    from apache_beam.io.filesystems import FileSystems
+
+    names = [file_name] if layout == PARQUET else [file_name, file_name + ".gz"]
+    existing = [_join(data_dir, n) for n in names if FileSystems.exists(_join(data_dir, n))]
+    if len(existing) > 1:
+        raise InputError(f"{data_dir}: holds both {file_name} and {file_name}.gz; keep one")
+    return existing[0] if existing else ""
+
+
+def _check_movielens_file(path: str, compression: str, separator: str, columns) -> None:
+    """A MovieLens file has no header: its first line must split into its columns.
+
+    Raises:
+      InputError: the file is empty, or its first line is split by another separator (a
+        u.data rewritten with commas).
+    """
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.open(path, compression_type=compression) as f:
+        first = f.readline()
+        while first and not first.strip():
+            first = f.readline()
+    text = first.decode(movielens.ENCODING).rstrip("\r\n").removeprefix("\ufeff")
+    expected = f"{len(columns)} fields separated by {separator!r} ({', '.join(columns)})"
+    if not text.strip():
+        raise InputError(f"{path}: empty file; expected rows of {expected}")
+    if len(text.split(separator)) == len(columns):
+        return
+    for other in (",", ";", "\t", "|", "::"):
+        if other != separator and len(text.split(other)) == len(columns):
+            raise InputError(
+                f"{path}: line 1 is separated by {other!r} ({text[:80]!r}); expected {expected}, "
+                "as MovieLens writes it"
+            )
+    # Other mismatches are per-row problems: the dead letters name them line by line.
+
+
+def _read_columns(
+    name: str, data_dir: str, paths: dict[str, str], compression: dict[str, str]
+) -> Layout:
     """The layout before config: every attribute its files hold, only the kinds it fixes."""
     if name in (ML_100K, ML_1M):
         columns = movielens.COLUMNS[name]
+        for role, path in paths.items():
+            _check_movielens_file(
+                path, compression[role], movielens.SEPARATORS[name][role], columns[role]
+            )
         return Layout(
             name=name,
             data_dir=data_dir,
@@ -244,8 +328,14 @@ def _read_columns(name: str, data_dir: str, paths: dict[str, str]) -> Layout:
             kinds=dict(movielens.KINDS[name]),
             derived=dict(movielens.DERIVED[name]),
             encoding=movielens.ENCODING,
+            compression=compression,
+            kind_sources={a: f"{name} layout" for a in movielens.KINDS[name]},
         )
-    headers = generic_tables.read_headers(name, paths)
+    headers = generic_tables.read_headers(name, paths, compression)
+    strings = ()
+    if name == PARQUET and USERS in paths:
+        strings = generic_tables.string_columns(paths[USERS])
+    attributes = tuple(c for c in headers.users if c != "user_id")
     return Layout(
         name=name,
         data_dir=data_dir,
@@ -253,10 +343,13 @@ def _read_columns(name: str, data_dir: str, paths: dict[str, str]) -> Layout:
         interaction_columns=headers.interactions,
         user_columns=headers.users,
         item_columns=headers.items,
-        attributes=tuple(c for c in headers.users if c != "user_id"),
-        kinds={},
+        attributes=attributes,
+        kinds={a: CATEGORICAL for a in attributes if a in strings},
         encoding=generic_tables.ENCODING,
         raw_interaction_columns=headers.raw_interactions,
+        compression=compression,
+        separators=headers.separators,
+        kind_sources={a: "its Parquet type (string)" for a in attributes if a in strings},
     )
 
 
@@ -290,19 +383,32 @@ def _apply_overrides(
     attributes = tuple(a for a in available if a not in set(drop_attributes))
     _check_attribute_names(where, attributes)
     kinds = dict(layout.kinds)
+    sources = dict(layout.kind_sources)
     kinds.update({a: CATEGORICAL for a in categorical})
     kinds.update({a: NUMERIC for a in numeric})
+    sources.update({a: "features.categorical" for a in categorical})
+    sources.update({a: "features.numeric" for a in numeric})
     kinds = {a: k for a, k in kinds.items() if a in attributes}
+    sources = {a: why for a, why in sources.items() if a in attributes}
     derived = {a: how for a, how in layout.derived.items() if a in attributes}
-    return dataclasses.replace(layout, attributes=attributes, kinds=kinds, derived=derived)
+    return dataclasses.replace(
+        layout, attributes=attributes, kinds=kinds, derived=derived, kind_sources=sources
+    )
 
 
 def _check_attribute_names(where: str, attributes: tuple[str, ...]) -> None:
+    reserved = sorted(RESERVED_NAMES | SIGNATURE_INPUT_NAMES)
     for attribute in attributes:
-        if not _ATTRIBUTE_NAME.match(attribute) or attribute in RESERVED_NAMES:
+        if attribute in reserved:
             raise InputError(
-                f"{where}: column {attribute!r} cannot be an attribute name (letters, digits and _ "
-                f"only, not {sorted(RESERVED_NAMES)}); rename it or list it in "
+                f"{where}: column {attribute!r} is a name the feature records or the serving "
+                f"signatures use themselves (reserved: {', '.join(reserved)}); rename it or "
+                "list it in features.drop_attributes"
+            )
+        if not _ATTRIBUTE_NAME.match(attribute):
+            raise InputError(
+                f"{where}: column {attribute!r} cannot be an attribute name (it must start with "
+                "a letter or _ and hold only letters, digits and _); rename it or list it in "
                 "features.drop_attributes"
             )
 
@@ -331,7 +437,7 @@ def iter_raw_rows(layout: Layout, role: str) -> Iterator[tuple[int, bytes | dict
     if layout.name == PARQUET:
         yield from iter_parquet_rows(path)
         return
-    with FileSystems.open(path, compression_type="auto") as f:
+    with FileSystems.open(path, compression_type=layout.compression.get(role, "auto")) as f:
         for number, line in enumerate(iter(f.readline, b""), start=1):
             line = line.rstrip(b"\r\n")
             if number == 1 and line.startswith(b"\xef\xbb\xbf"):

@@ -53,6 +53,8 @@ import uuid
 from typing import Any
 
 import tensorflow as tf
+from tensorflow.python.trackable.data_structures import NoDependency
+from tensorflow.python.trackable.resource import CapturableResource
 
 from recsys_cvae import spec as S
 from recsys_cvae.config import ExportConfig
@@ -88,6 +90,17 @@ class ExportError(RuntimeError):
     """The export cannot be written, or the written export does not match the model."""
 
 
+def _captured_state(model: tf.keras.Model) -> list[Any]:
+    """The model's variables and resources (StringLookup's hash tables), in a stable order."""
+    state = list(model.variables)
+    seen = {id(v) for v in state}
+    for trackable in tf.train.TrackableView(model).descendants():
+        if isinstance(trackable, CapturableResource) and id(trackable) not in seen:
+            seen.add(id(trackable))
+            state.append(trackable)
+    return state
+
+
 class ServingModule(tf.Module):
     """The trained CVAE behind the three serving signatures.
 
@@ -121,10 +134,16 @@ class ServingModule(tf.Module):
         item_ids = list(model.item_ids)
         if not item_ids:
             raise ExportError("the model has an empty item vocabulary; nothing to export")
-        self.model = model
+        # The Keras model is called, not saved: tracked, it would bring its layers' Keras
+        # serialisation along (call-and-return-losses functions whose custom gradients every
+        # load warns about, "Skipping full serialization" warnings) for nothing a signature
+        # uses. What the signatures capture, its variables and lookup tables, is saved
+        # through `model_state`.
+        self.model = NoDependency(model)
         self.attributes = tuple(model.spec.attributes)
         self.inputs = tuple(S.serving_inputs(model.spec))
         _check_input_names(self.inputs)
+        self.model_state = _captured_state(model)
         self.top_k = min(int(top_k), len(item_ids))
         self.chunk_size = int(chunk_size) if uses_chunks(model, int(chunk_size)) else 0
         self.one_piece_max_logits = int(one_piece_max_logits)

@@ -87,7 +87,7 @@ def read_export_info(export_dir: str) -> dict:
 def run_verifier(export_dir: str, cases_path: str) -> dict:
     """Runs `serving.verify_export` in a fresh interpreter; its last stdout line is JSON."""
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(S.__file__)))
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env = {"TF_CPP_MIN_LOG_LEVEL": "2", **os.environ}
     # The child runs in the repository root (so `serving` imports without recsys_cvae), not
     # in the caller's folder: a relative path must be made absolute here, in the caller's cwd.
     command = [sys.executable, "-m", "serving.verify_export",

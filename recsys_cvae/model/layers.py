@@ -80,7 +80,9 @@ class Encoder(tf.keras.layers.Layer):
                 # Mult-VAE's input dropout: drop items, scale the kept ones by 1 / (1 − rate).
                 kept = self.dropout(tf.ones_like(values, tf.float32), training=training) > 0
                 rate = self.input_dropout if training else 0.0
-                h = binary_history_product(indices, kept, kernel, 1.0 / (1.0 - rate))
+                h = binary_history_product(
+                    indices, kept, kernel, 1.0 / (1.0 - rate), fast_gradient=training
+                )
                 h = tf.cast(h, self.compute_dtype)
             else:
                 # Normalised in float32: in float16 the epsilon underflows (0/0 for no history).
@@ -114,7 +116,8 @@ class Encoder(tf.keras.layers.Layer):
 
 
 def binary_history_product(
-    indices: tf.Tensor, kept: tf.Tensor, kernel: tf.Tensor, scale: float
+    indices: tf.Tensor, kept: tf.Tensor, kernel: tf.Tensor, scale: float,
+    fast_gradient: bool = True,
 ) -> tf.Tensor:
     """x̃ · W for a 0/1 history x: x̃ = x / ‖x‖ on the kept positions × `scale`, else 0.
 
@@ -128,6 +131,8 @@ def binary_history_product(
     summed into each history item's row, positions sorted by item). On ML-20M shapes the
     pair takes ~35 ms where `sparse_dense_matmul` and its gradient take ~115 ms
     (`benchmarks/bench_train.py`); weighted histories keep `sparse_dense_matmul`.
+    `fast_gradient=False` (inference: validation, the export) leaves the custom gradient
+    out, so no SavedModel carries a function whose gradient it cannot save.
     """
     known = indices > 0
     count = tf.reduce_sum(tf.cast(known, tf.float32), axis=-1)
@@ -136,6 +141,10 @@ def binary_history_product(
     rows = tf.cast(positions[:, 0], tf.int32)
     items = tf.gather_nd(indices, positions)
     batch_size = tf.shape(indices)[0]
+
+    if not fast_gradient:
+        summed = tf.sparse.segment_sum(kernel, items, rows, num_segments=batch_size)
+        return tf.cast(summed, tf.float32) * row_scale[:, None]
 
     @tf.custom_gradient
     def history_rows_sum(kernel: tf.Tensor) -> tuple[tf.Tensor, Any]:

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -322,9 +323,17 @@ def _fit(
             tf.keras.callbacks.TensorBoard(os.path.join(run.out_dir, "logs"), write_graph=False),
             *extra_callbacks,
         ],
-        verbose=settings.verbose,
+        verbose=progress_verbosity(settings.verbose),
     )
     return validation
+
+
+def progress_verbosity(verbose: int) -> int:
+    """Keras's `verbose`, with the bar (1) made one line per epoch (2) when stdout is not a
+    terminal: a log file or CI output would otherwise fill with `\r` redraws."""
+    if verbose == 1 and not sys.stdout.isatty():
+        return 2
+    return verbose
 
 
 def _best_run(

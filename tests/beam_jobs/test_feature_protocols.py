@@ -169,6 +169,7 @@ def test_bucket_examples_for_one_user_by_hand():
 
 def test_protocols_are_config(tmp_path):
     (tmp_path / "interactions.csv").write_text("user_id,item_id,rating\nu1,i1,4\n")
+    (tmp_path / "users.csv").write_text("user_id,plan\nu1,free\n")
     layout = L.detect_layout(str(tmp_path))
     assert job.choose_protocols(FeaturesConfig(), layout) == ["strong", "weak", "cold"]
     assert job.choose_protocols(FeaturesConfig(protocols=["cold", "weak"]), layout) == [
@@ -178,6 +179,14 @@ def test_protocols_are_config(tmp_path):
         job.choose_protocols(FeaturesConfig(protocols=["temporal"]), layout)
     with pytest.raises(ConfigError, match=r"features.protocols names \['random'\]"):
         job.choose_protocols(FeaturesConfig(protocols=["random"]), layout)
+
+
+def test_without_attributes_there_is_no_cold_protocol(tmp_path):
+    (tmp_path / "interactions.csv").write_text("user_id,item_id\nu1,i1\n")
+    layout = L.detect_layout(str(tmp_path))
+    assert job.choose_protocols(FeaturesConfig(), layout) == ["strong", "weak"]
+    with pytest.raises(ConfigError, match="the cold protocol needs user attributes"):
+        job.choose_protocols(FeaturesConfig(protocols=["cold"]), layout)
 
 
 def test_only_the_chosen_protocols_are_written(tmp_path):

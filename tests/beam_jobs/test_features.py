@@ -171,7 +171,7 @@ def test_filter_items_reaches_the_fixed_point():
 
 def test_bucket_summaries_decide_kinds_and_vocabularies(tmp_path):
     layout = L.detect_layout(
-        write_csv_folder(tmp_path / "raw", "user_id,item_id\n", "user_id,age,plan\n")
+        write_csv_folder(tmp_path / "raw", "user_id,item_id\nu1,i1\n", "user_id,age,plan,zip\n")
     )
 
     def bucket(profiles):
@@ -179,8 +179,9 @@ def test_bucket_summaries_decide_kinds_and_vocabularies(tmp_path):
         return prepare_bucket([], rows, None)[0]
 
     buckets = [
-        bucket([("u1", {"age": "30", "plan": "free"}), ("u2", {"age": "", "plan": "free"})]),
-        bucket([("u3", {"age": "41.5", "plan": "paid"})]),
+        bucket([("u1", {"age": "30", "plan": "free", "zip": "02139"}),
+                ("u2", {"age": "", "plan": "free", "zip": "10001"})]),
+        bucket([("u3", {"age": "41.5", "plan": "paid", "zip": "10001"})]),
     ]
     with BeamTestPipeline() as p:
         merged = (
@@ -194,7 +195,8 @@ def test_bucket_summaries_decide_kinds_and_vocabularies(tmp_path):
                        F.attribute_vocabularies(s["values"], kinds))
         )  # fmt: skip
         assert_that(decided, equal_to([
-            ({"age": "numeric", "plan": "categorical"}, {"plan": ["free", "paid"]})
+            ({"age": "numeric", "plan": "categorical", "zip": "categorical"},
+             {"plan": ["free", "paid"], "zip": ["10001", "02139"]})
         ]))  # fmt: skip
 
 

@@ -277,7 +277,7 @@ def test_a_stop_signal_before_wait_for_signal_is_kept_and_drains(model_base_path
 
 
 def test_cli_serve_flags_reach_the_server_and_query_speaks_tls(tmp_path, model_base_path):
-    from recsys_cvae.cli import build_parser, run_query
+    from recsys_cvae.cli import build_parser, run_query, workdir_from_args
     from serving.flags import server_kwargs
 
     cert, key = write_self_signed_certificate(str(tmp_path))
@@ -296,6 +296,7 @@ def test_cli_serve_flags_reach_the_server_and_query_speaks_tls(tmp_path, model_b
             "--attr", "region=south", "--ssl-root-cert", cert,
         ])
         # south adds 10 to i4: i4 (2 + 10) first
-        assert run_query(query_args).splitlines()[1].split()[:2] == ["1", "i4"]
+        work = workdir_from_args(query_args)
+        assert run_query(query_args, work).splitlines()[1].split()[:2] == ["1", "i4"]
     finally:
         server.stop(grace_s=1.0)
