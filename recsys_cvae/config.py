@@ -135,10 +135,6 @@ class ModelConfig:
       attribute_lift_popularity_weights: the η tried for `generate` (log-popularity's).
       attribute_lift_max_cells: the lift tables hold num_items × (values of every
         attribute) floats; attributes are left out, largest first, until they fit this.
-      attribute_lift_pair_weights: the ρ tried for the attribute pairs' tables (their share
-        of the lift; 0 = attributes alone); [] leaves pairs out of the model.
-      attribute_lift_max_pair_buckets: pairs with more value combinations than this are left
-        out (and pairs are added smallest first only while the tables fit max_cells).
       sampled_softmax_sampler: how negatives are drawn: `log_uniform` (Zipf over the
         vocabulary's most-frequent-first order, a popularity proxy) or `uniform`.
     """
@@ -182,10 +178,6 @@ class ModelConfig:
         default_factory=lambda: [0.0, 0.5, 1.0]
     )
     attribute_lift_max_cells: int = 50_000_000
-    attribute_lift_pair_weights: list[float] = dataclasses.field(
-        default_factory=lambda: [0.0, 0.5, 1.0]
-    )
-    attribute_lift_max_pair_buckets: int = 1000
 
 
 @dataclasses.dataclass

@@ -7,16 +7,11 @@ every attribute's counts (naive Bayes in log space, each shrunk towards populari
 stronger than any one of them. The decoder at the prior mean learns the same signal
 through a 200-dimensional bottleneck and the KL; this term hands it over exactly:
 
-    recommend: logits(i | x, c) = decoder + γ_w · L(c, i)
-    generate:  logits(i | c)    = δ · decoder + η · log p(i) + γ_c · L(c, i)
-    L(c, i)    = Σ_a lift_a[v_a(c), i] + ρ · Σ_(a,b) lift_ab[v_a(c), v_b(c), i]
+    recommend: logits(i | x, c) = decoder + γ_w · Σ_a lift_a[v_a(c), i]
+    generate:  logits(i | c)    = δ · decoder + η · log p(i) + γ_c · Σ_a lift_a[v_a(c), i]
 
     lift_a[v, i] = log p̂(i | a = v) − log p(i)
     p̂(i | a = v) = (n_{v,i} + κ · p(i)) / (N_v + κ)           κ = pseudo users × mean length
-
-and the same for a pair of attributes (a, b) taken as one attribute of n_a × n_b values
-(`lift_pairs`): what a combination means beyond its parts (the best segment popularity is
-often a pair). ρ, the pairs' share, is folded into their table columns.
 
 Why δ and η for `generate`: the decoder at the prior mean decodes one typical user of the
 segment, sharper than the segment's average taste; on MovieLens-100K it ranked below plain
@@ -37,7 +32,7 @@ chunked top-K scores a block of items from a block of rows (`catalogue_top_k`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import tensorflow as tf
@@ -56,18 +51,10 @@ class AttributeLift(tf.keras.layers.Layer):
     the logits are the decoder's.
     """
 
-    def __init__(
-        self, sizes: Mapping[str, int], num_items: int,
-        pairs: Sequence[Sequence[str]] = (), **kwargs: Any,
-    ) -> None:
+    def __init__(self, sizes: Mapping[str, int], num_items: int, **kwargs: Any) -> None:
         super().__init__(dtype="float32", **kwargs)
-        self.attribute_sizes = dict(sizes)
-        self.pairs = [tuple(pair) for pair in pairs]
+        self.sizes = dict(sizes)
         self.num_items = num_items
-        # Columns: each attribute's buckets, then each pair's (a's bucket × b's buckets).
-        self.sizes = {**self.attribute_sizes, **{
-            pair_name(a, b): sizes[a] * sizes[b] for a, b in self.pairs
-        }}
         self.offsets, total = {}, 0
         for name, size in self.sizes.items():
             self.offsets[name] = total
@@ -93,14 +80,11 @@ class AttributeLift(tf.keras.layers.Layer):
         )
 
     def multi_hot(self, buckets: Mapping[str, tf.Tensor]) -> tf.Tensor:
-        """`[batch, Σ sizes]` float32: one 1 per attribute and per pair, at its bucket's
-        column (a pair's bucket: a's bucket × b's size + b's bucket)."""
-        own = {name: tf.cast(buckets[name], tf.int32) for name in self.attribute_sizes}
-        for a, b in self.pairs:
-            own[pair_name(a, b)] = own[a] * self.attribute_sizes[b] + own[b]
+        """`[batch, Σ sizes]` float32: one 1 per attribute, at its bucket's column."""
         columns = tf.stack(
-            [own[name] + offset for name, offset in self.offsets.items()], axis=1
-        )  # [batch, attributes + pairs]
+            [tf.cast(buckets[name], tf.int32) + offset for name, offset in self.offsets.items()],
+            axis=1,
+        )  # [batch, attributes]
         return tf.reduce_sum(tf.one_hot(columns, self.num_buckets), axis=1)
 
     def state(self, buckets: Mapping[str, tf.Tensor], cold: bool) -> tf.Tensor:
@@ -124,41 +108,9 @@ class AttributeLift(tf.keras.layers.Layer):
                 + self.popularity_weight * self.log_popularity + lifted)
 
     def get_config(self) -> dict[str, Any]:
-        config = {**super().get_config(), "sizes": self.attribute_sizes,
-                  "num_items": self.num_items, "pairs": [list(p) for p in self.pairs]}
+        config = {**super().get_config(), "sizes": self.sizes, "num_items": self.num_items}
         config.pop("dtype", None)
         return config
-
-
-def pair_name(a: str, b: str) -> str:
-    """The table's key for the pair (a, b): `*` cannot occur in an attribute name."""
-    return f"{a}*{b}"
-
-
-def lift_pairs(
-    sizes: Mapping[str, int], num_items: int, max_cells: int, max_pair_buckets: int
-) -> list[tuple[str, str]]:
-    """The attribute pairs the lift covers besides the attributes (`sizes`, as `lift_sizes`
-    chose them): every pair with at most `max_pair_buckets` buckets, smallest first while
-    the tables fit `max_cells`.
-
-    Why pairs: popularity within one attribute value misses what a combination means
-    (premium subscribers of one age, not premium or that age alone); the best segment
-    baseline already ranks by pairs, and summing single lifts cannot express them.
-    """
-    names = list(sizes)
-    candidates = sorted(
-        ((sizes[a] * sizes[b], names.index(a), names.index(b)) for i, a in enumerate(names)
-         for b in names[i + 1:] if sizes[a] * sizes[b] <= max_pair_buckets),
-    )
-    used = num_items * sum(sizes.values())
-    pairs = []
-    for size, i, j in candidates:
-        if used + num_items * size > max_cells:
-            break
-        used += num_items * size
-        pairs.append((names[i], names[j]))
-    return sorted(pairs, key=lambda pair: (names.index(pair[0]), names.index(pair[1])))
 
 
 def lift_sizes(

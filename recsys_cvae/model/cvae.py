@@ -38,7 +38,7 @@ from typing import Any
 import tensorflow as tf
 
 from recsys_cvae.config import ModelConfig
-from recsys_cvae.model.attribute_lift import AttributeLift, lift_pairs, lift_sizes
+from recsys_cvae.model.attribute_lift import AttributeLift, lift_sizes
 from recsys_cvae.model.layers import ConditionalPrior, Decoder, Encoder, ItemItemBranch
 from recsys_cvae.model.losses import LIKELIHOODS, reparametrise
 from recsys_cvae.model.objective import ElboObjective, check_sampled_softmax
@@ -95,12 +95,8 @@ class CVAE(ElboObjective, tf.keras.Model):
                 {a["name"]: bucket_count(a) for a in attributes},
                 spec.num_items, config.attribute_lift_max_cells,
             )
-            pairs = lift_pairs(
-                sizes, spec.num_items, config.attribute_lift_max_cells,
-                config.attribute_lift_max_pair_buckets,
-            ) if config.attribute_lift_pair_weights else []
             if config.attribute_lift and sizes:
-                self.lift = AttributeLift(sizes, spec.num_items, pairs)
+                self.lift = AttributeLift(sizes, spec.num_items)
         if config.likelihood not in LIKELIHOODS:
             raise ValueError(
                 f"model.likelihood must be one of {list(LIKELIHOODS)}, got {config.likelihood!r}"

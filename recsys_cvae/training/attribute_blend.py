@@ -86,15 +86,13 @@ def _popularity(
 
 def held_out_term(
     counts: np.ndarray, users: int, offsets: dict[str, int], sizes: dict[str, int],
-    pseudo_users: float, buckets: np.ndarray, own: np.ndarray, names: Sequence[str],
+    pseudo_users: float, buckets: np.ndarray, own: np.ndarray,
 ) -> np.ndarray:
-    """Σ_a lift_a[v_a, i] over the columns of `names` (attributes or pairs) `[users,
-    num_items]` for users who were counted, each with their own row `own` (`[users,
-    num_items]` 0/1) taken out of their bucket's counts."""
+    """Σ_a lift_a[v_a, i] `[users, num_items]` for users who were counted, each with their
+    own row `own` (`[users, num_items]` 0/1) taken out of their bucket's counts."""
     popularity, kappa = _popularity(counts, users, offsets, sizes, pseudo_users)
     term = np.zeros(own.shape, np.float32)
-    for name in names:
-        offset = offsets[name]
+    for name, offset in offsets.items():
         column = offset + np.argmax(buckets[:, offset:offset + sizes[name]], axis=1)
         n = counts[:, column].T - own  # [users, items]
         smoothed = (n + kappa * popularity) / (n.sum(axis=1, keepdims=True) + kappa)
@@ -143,11 +141,10 @@ def blend_lift(
     model: Any, spec: FeatureSpec, train_splits: Sequence[str], validation_split: str,
     batch_size: int, pseudo_users: Sequence[float], weights: Sequence[float], metric: str,
     decoder_weights: Sequence[float] = (1.0,), popularity_weights: Sequence[float] = (0.0,),
-    pair_weights: Sequence[float] = (),
 ) -> dict[str, Any]:
-    """Counts the tables on `train_splits` and sets (κ, ρ, δ, η, γ_cold) and γ_warm, the best
-    on `validation_split`'s `metric` (cold first, then warm at the chosen κ and ρ); returns
-    the choice and the validation scores before and after."""
+    """Counts the tables on `train_splits` and sets (κ, δ, η, γ_cold) and γ_warm, the best
+    on `validation_split`'s `metric` (cold first, then warm at the chosen κ); returns the
+    choice and the validation scores before and after."""
     counts, counted = count_buckets(model, spec, train_splits, batch_size, fold_targets=False)
     users = len(counted)
     arrays = _validation_arrays(model, spec, validation_split, batch_size)
@@ -158,7 +155,7 @@ def blend_lift(
     warm_before = _score(arrays["recommend"], arrays["seen"], arrays["warm"], metric)
     best = {
         "pseudo_users": None, "cold_weight": 0.0, "warm_weight": 0.0,
-        "decoder_weight": 1.0, "popularity_weight": 0.0, "pair_weight": 0.0,
+        "decoder_weight": 1.0, "popularity_weight": 0.0,
         f"validation_cold_{metric}_before": cold_before, f"validation_cold_{metric}": cold_before,
         f"validation_{metric}_before": warm_before, f"validation_{metric}": warm_before,
     }
@@ -166,39 +163,28 @@ def blend_lift(
     # 0/1 per validation user and item: what of theirs the counts hold (leave-one-out).
     own = arrays["seen"] * np.array([[user in counted] for user in arrays["ids"]])
 
-    singles, pairs = list(lift.attribute_sizes), [n for n in lift.sizes if n not in
-                                                  lift.attribute_sizes]
-    rhos = [0.0, *(r for r in pair_weights if r > 0)] if pairs else [0.0]
-
-    def term(kappa: float, names: list[str]) -> np.ndarray:
-        if not names:
-            return np.zeros_like(arrays["generate"])
+    def term(kappa: float) -> np.ndarray:
         if own.any():
             return held_out_term(counts, users, lift.offsets, lift.sizes, kappa,
-                                 arrays["buckets"], own, names)
-        columns = np.concatenate([np.arange(lift.offsets[n], lift.offsets[n] + lift.sizes[n])
-                                  for n in names])
-        table = lift_table(counts, users, lift.offsets, lift.sizes, kappa)
-        return arrays["buckets"][:, columns] @ table[:, columns].T
+                                 arrays["buckets"], own)
+        return arrays["buckets"] @ lift_table(counts, users, lift.offsets, lift.sizes, kappa).T
 
     popularity, _ = _popularity(counts, users, lift.offsets, lift.sizes, 1.0)
     log_popularity = np.log(popularity).astype(np.float32)
     for kappa in pseudo_users:
-        single_term, pair_term = term(kappa, singles), term(kappa, pairs)
-        for rho in rhos:
-            lifted = single_term + rho * pair_term
-            for delta, eta, gamma in itertools.product(decoder_weights, popularity_weights,
-                                                       [0.0, *weights]):
-                if not (delta or eta or gamma):
-                    continue  # every item scores 0
-                scores = delta * arrays["generate"] + eta * log_popularity + gamma * lifted
-                value = _score(scores, nothing, arrays["cold"], metric)
-                if value > best[f"validation_cold_{metric}"]:
-                    best.update(pseudo_users=float(kappa), cold_weight=float(gamma),
-                                decoder_weight=float(delta), popularity_weight=float(eta),
-                                pair_weight=float(rho), **{f"validation_cold_{metric}": value})
+        lifted = term(kappa)
+        for delta, eta, gamma in itertools.product(decoder_weights, popularity_weights,
+                                                   [0.0, *weights]):
+            if not (delta or eta or gamma):
+                continue  # every item scores 0
+            scores = delta * arrays["generate"] + eta * log_popularity + gamma * lifted
+            value = _score(scores, nothing, arrays["cold"], metric)
+            if value > best[f"validation_cold_{metric}"]:
+                best.update(pseudo_users=float(kappa), cold_weight=float(gamma),
+                            decoder_weight=float(delta), popularity_weight=float(eta),
+                            **{f"validation_cold_{metric}": value})
     kappa = best["pseudo_users"] if best["pseudo_users"] is not None else pseudo_users[0]
-    lifted = term(kappa, singles) + best["pair_weight"] * term(kappa, pairs)
+    lifted = term(kappa)
     for gamma in weights:
         value = _score(arrays["recommend"] + gamma * lifted, arrays["seen"], arrays["warm"],
                        metric)
@@ -209,10 +195,9 @@ def blend_lift(
         _assign(model, lift_table(counts, users, lift.offsets, lift.sizes, kappa),
                 log_popularity, best)
     log.info(
-        "attribute lift: κ = %s users, pairs × %.3g; generate %.3g × decoder + %.3g × log "
-        "popularity + %.3g × lift, recommend + %.3g × lift; validation cold %s %.4f → %.4f, "
-        "warm %.4f → %.4f", best["pseudo_users"], best["pair_weight"], best["decoder_weight"],
-        best["popularity_weight"],
+        "attribute lift: κ = %s users; generate %.3g × decoder + %.3g × log popularity + "
+        "%.3g × lift, recommend + %.3g × lift; validation cold %s %.4f → %.4f, warm %.4f → "
+        "%.4f", best["pseudo_users"], best["decoder_weight"], best["popularity_weight"],
         best["cold_weight"], best["warm_weight"], metric, cold_before,
         best[f"validation_cold_{metric}"], warm_before, best[f"validation_{metric}"],
     )
@@ -235,8 +220,7 @@ def apply_lift(
     _assign(model, table, np.log(popularity).astype(np.float32), chosen)
 
 
-CHOICE = ("pseudo_users", "cold_weight", "warm_weight", "decoder_weight", "popularity_weight",
-          "pair_weight")
+CHOICE = ("pseudo_users", "cold_weight", "warm_weight", "decoder_weight", "popularity_weight")
 
 
 def _changes(choice: dict[str, Any]) -> bool:
@@ -245,19 +229,9 @@ def _changes(choice: dict[str, Any]) -> bool:
                 or choice.get("popularity_weight") or choice.get("decoder_weight", 1.0) != 1.0)
 
 
-def scale_pairs(lift: Any, table: np.ndarray, pair_weight: float) -> np.ndarray:
-    """`table` with the pairs' columns times ρ: the lift's weights hold ρ this way."""
-    table = table.copy()
-    for name in lift.sizes:
-        if name not in lift.attribute_sizes:
-            offset = lift.offsets[name]
-            table[:, offset:offset + lift.sizes[name]] *= pair_weight
-    return table
-
-
 def _assign(model: Any, table: np.ndarray, log_popularity: np.ndarray, choice: dict) -> None:
     lift = model.lift
-    lift.table.assign(scale_pairs(lift, table, choice.get("pair_weight", 0.0)))
+    lift.table.assign(table)
     lift.log_popularity.assign(log_popularity)
     lift.cold_weight.assign(choice["cold_weight"])
     lift.warm_weight.assign(choice["warm_weight"])

@@ -6,7 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from recsys_cvae.config import ModelConfig
-from recsys_cvae.model.attribute_lift import AttributeLift, lift_pairs, lift_sizes
+from recsys_cvae.model.attribute_lift import AttributeLift, lift_sizes
 from recsys_cvae.model.catalogue_top_k import catalogue_top_k
 from recsys_cvae.model.cvae import build_model
 from tests.builders import write_tiny_features
@@ -34,30 +34,6 @@ def test_the_lift_adds_its_weighted_bucket_columns():
     expected = 0.5 * np.stack([table[:, [1, 4]].sum(1), table[:, [0, 2]].sum(1)])
     np.testing.assert_allclose(lift(buckets, cold=True).numpy(), expected)
     np.testing.assert_allclose(lift(buckets, cold=False).numpy(), 0.0)  # warm weight is 0
-
-
-def test_pairs_are_added_smallest_first_within_the_budget_and_the_bucket_cap():
-    sizes = {"region": 4, "device": 5, "plan": 3, "zip": 300}
-    # region×plan 12, device×plan 15, region×device 20; pairs with zip exceed 1000 buckets
-    # (zip×plan 900 fits the cap but not this budget).
-    assert lift_pairs(sizes, num_items=10, max_cells=3500 + 470, max_pair_buckets=1000) == [
-        ("region", "device"), ("region", "plan"), ("device", "plan")]
-    assert lift_pairs(sizes, num_items=10, max_cells=3120 + 270, max_pair_buckets=1000) == [
-        ("region", "plan"), ("device", "plan")]
-    assert lift_pairs(sizes, num_items=10, max_cells=10**9, max_pair_buckets=14) == [
-        ("region", "plan")]
-
-
-def test_a_pair_has_one_column_per_combination_of_its_buckets():
-    lift = AttributeLift({"a": 2, "b": 3}, num_items=4, pairs=[("a", "b")])
-    assert lift.num_buckets == 2 + 3 + 6
-    buckets = {"a": tf.constant([1, 0]), "b": tf.constant([2, 1])}
-    hot = lift.multi_hot(buckets).numpy()
-    # a=1, b=2: columns 1, 2+2, and the pair's 5 + (1·3 + 2) = 10; a=0, b=1: 0, 3, 5 + 1.
-    np.testing.assert_array_equal(np.flatnonzero(hot[0]), [1, 4, 10])
-    np.testing.assert_array_equal(np.flatnonzero(hot[1]), [0, 3, 6])
-    restored = AttributeLift.from_config(lift.get_config())
-    assert restored.pairs == [("a", "b")] and restored.num_buckets == lift.num_buckets
 
 
 def test_generate_and_recommend_carry_their_own_weights(tmp_path):

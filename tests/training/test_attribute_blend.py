@@ -15,7 +15,6 @@ from recsys_cvae.training.attribute_blend import (
     count_buckets,
     held_out_term,
     lift_table,
-    scale_pairs,
 )
 
 SMALL = ModelConfig(latent_dim=4, hidden_dims=[8], condition_dim=5)
@@ -38,7 +37,7 @@ def test_held_out_term_is_the_table_counted_without_the_user():
     bucket = np.array([0, 0, 1, 1, 1, 0])
     onehot = np.eye(2)[bucket]
     counts = x.T @ onehot
-    term = held_out_term(counts, 6, {"a": 0}, {"a": 2}, 2.0, onehot, x, ["a"])
+    term = held_out_term(counts, 6, {"a": 0}, {"a": 2}, 2.0, onehot, x)
     for u in range(6):
         # The popularity and κ stay those of all users; only the user's bucket loses them.
         without = counts.copy()
@@ -67,7 +66,6 @@ def test_the_blend_never_lowers_validation_and_the_refit_reapplies_it(features_d
     lift = model.lift
     counts, counted = count_buckets(model, spec, ["train"], 64, fold_targets=False)
     table = lift_table(counts, len(counted), lift.offsets, lift.sizes, chosen["pseudo_users"])
-    table = scale_pairs(lift, table, chosen["pair_weight"])
     np.testing.assert_allclose(lift.table.numpy(), table, rtol=1e-5)
     assert float(lift.decoder_weight.numpy()) == chosen["decoder_weight"]
     # A fresh model given the choice (the serving refit) gets the same weights and tables.
