@@ -339,10 +339,13 @@ def run_serve(args: argparse.Namespace, work: Workdir) -> NoReturn:
 def run_query(args: argparse.Namespace, work: Workdir) -> str:
     """One call and its printable answer; unknown attribute values are checked against the
     local export of `--workdir`/`--export-base` when there is one."""
+    # Deferred, and in this order: grpc and the serving protos load only for `query`, after
+    # `tensorflow` is made a namespace of its proto files (no TensorFlow start-up).
     from serving.known_values import newest_local_version, unknown_values
     from serving.proto_imports import use_tensorflow_protos_only
 
     use_tensorflow_protos_only()  # a one-shot client: protos without TensorFlow's start-up
+    # deferred until the namespace above is in place
     from serving.client import query
 
     if args.k < 0:
@@ -393,7 +396,9 @@ def _configure_logging(quiet: bool, debug: bool) -> None:
 # - RunInference imports its ModelManager together with `resource`, which needs torch, so
 #   without torch it warns on every batch that memory usage cannot be read;
 # - the BigQuery client is imported although no job here uses it, and warns without apitools.
-_HARMLESS_WARNINGS = ("Resource module is not", "apitools not found")
+# - Keras times its callbacks against tiny batches and calls the checkpointing ones slow.
+_HARMLESS_WARNINGS = ("Resource module is not", "apitools not found",
+                      "Callback method `on_train_batch")
 
 
 @contextlib.contextmanager

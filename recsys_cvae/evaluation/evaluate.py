@@ -93,6 +93,11 @@ def numeric_labels(values: Sequence[float], bins: int) -> np.ndarray:
     if not len(known):
         return np.array(["unknown"] * len(values), dtype=object)
     edges = np.unique(np.quantile(known, np.linspace(0, 1, bins + 1)))
+    # Edges rounded to what the spread needs (whole years for ages, 0.1 for a 0-5 score),
+    # so a label reads "45-59", not "45-59.25"; bins whose edges round together merge.
+    span = float(known.max() - known.min())
+    digits = max(0, 1 - int(np.floor(np.log10(span)))) if span > 0 else 2
+    edges = np.unique(np.round(edges, digits))
     labels = []
     for value in values:
         if np.isnan(value):
@@ -204,6 +209,7 @@ def evaluate(
     config: EvaluateConfig,
     data_dir: str = "",
     export_dir: str = "",
+    training: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Scores every model folder under candidates_dir on every protocol's test split; writes
     metrics.json, report.md and report.html. A model without candidates for a split is left
@@ -242,7 +248,8 @@ def evaluate(
     tf.io.gfile.makedirs(report_dir)
     S.write_text(posixpath.join(report_dir, METRICS_FILE), json.dumps(metrics, indent=2) + "\n")
     S.write_text(posixpath.join(report_dir, REPORT_FILE), format_report(metrics))
-    write_html(metrics, posixpath.join(report_dir, HTML_FILE), spec, export_dir, data_dir)
+    write_html(metrics, posixpath.join(report_dir, HTML_FILE), spec, export_dir, data_dir,
+               training)
     return metrics
 
 

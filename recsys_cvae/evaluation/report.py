@@ -9,14 +9,22 @@ mailed or attached to a review. The what-if panel loads the newest CVAE export w
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import math
 from collections.abc import Mapping
 from typing import Any
 
 from recsys_cvae import spec as S
+from recsys_cvae.evaluation.figures import (
+    coinciding,
+    curves_figure,
+    image_tag,
+    label_order,
+    segment_metric,
+    segments_figure,
+    tradeoff_figure,
+)
+from recsys_cvae.evaluation.run_overview import dataset_section, training_section
 from recsys_cvae.evaluation.whatif import what_if_panel
 
 # Columns of the Markdown tables, in order; those not in the metrics are left out.
@@ -24,7 +32,6 @@ TABLE_COLUMNS = (
     "ndcg@10", "recall@20", "nrecall@20", "map@10", "hitrate@10", "precision@10", "mrr",
     "coverage@10", "gini@10", "novelty@10", "pop_pct@10", "ild@10",
 )
-PLOT_METRICS = ("ndcg", "recall", "hitrate", "map")
 LOWER_IS_BETTER = ("gini", "pop_pct")
 
 
@@ -39,15 +46,6 @@ def table_columns(split_metrics: Mapping[str, Mapping[str, float]]) -> list[str]
     ordered = [f"{m}@{k}" for k in ks for m in ("ndcg", "recall", "precision")]
     ordered += ["mrr"] + [f"coverage@{k}" for k in ks]
     return [c for c in ordered if c in present]
-
-
-def label_order(label: str) -> tuple[float, str]:
-    """Segment labels in numeric order when they start with a number ("5-19" < "20-49")."""
-    head = label.split("-")[0].rstrip("+")
-    try:
-        return float(head), label
-    except ValueError:
-        return math.inf, label
 
 
 def _best(values: list[float], column: str) -> float:
@@ -91,15 +89,6 @@ def format_table(metrics: Mapping[str, Any], split: str, with_ci: bool = False) 
             + " | ".join(cells) + " |"
         )
     return "\n".join(lines) + "\n"
-
-
-def segment_metric(per_model: Mapping[str, Any]) -> str:
-    """The ndcg@k the segment tables carry (k closest to 10), else mrr."""
-    for attributes in per_model.values():
-        for rows in attributes.values():
-            for row in rows.values():
-                return next((n for n in row if n.startswith("ndcg@")), "mrr")
-    return "mrr"
 
 
 def format_segments(metrics: Mapping[str, Any], split: str, metric: str = "") -> str:
@@ -187,104 +176,6 @@ def format_report(metrics: Mapping[str, Any]) -> str:
     return "\n".join(parts) + "\n"
 
 
-# ---- plots ---------------------------------------------------------------------------------
-
-
-def _png(figure) -> str:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    plt.close(figure)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _img(alt: str, figure) -> str:
-    return f"<p><img alt='{html.escape(alt)}' src='data:image/png;base64,{_png(figure)}'></p>"
-
-
-def _ks(split_metrics: Mapping[str, Mapping[str, float]], metric: str) -> list[int]:
-    present = set().union(*(m.keys() for m in split_metrics.values()))
-    return sorted(int(n.partition("@")[2]) for n in present if n.startswith(metric + "@"))
-
-
-def curves_figure(metrics: Mapping[str, Any], split: str):
-    """metric@K curves per model, one panel per metric in PLOT_METRICS."""
-    import matplotlib.pyplot as plt
-
-    split_metrics = metrics["splits"][split]
-    figure, axes = plt.subplots(1, len(PLOT_METRICS), figsize=(4 * len(PLOT_METRICS), 3.2))
-    for axis, metric in zip(axes, PLOT_METRICS):
-        ks = _ks(split_metrics, metric)
-        for name in sorted(split_metrics):
-            axis.plot(ks, [split_metrics[name][f"{metric}@{k}"] for k in ks], "o-", label=name)
-        axis.set_xscale("log")
-        axis.set_xticks(ks, [str(k) for k in ks])
-        axis.set_title(f"{metric}@K ({split})")
-        axis.set_xlabel("K")
-        axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    return figure
-
-
-def segments_figure(metrics: Mapping[str, Any], split: str, metric: str = ""):
-    """Grouped bars of `metric` per segment label and model, one panel per attribute."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    per_model = metrics.get("segments", {}).get(split, {})
-    metric = metric or segment_metric(per_model)
-    models = sorted(per_model)
-    attributes = sorted({a for m in per_model.values() for a in m})
-    if not attributes:
-        return None
-    figure, axes = plt.subplots(
-        len(attributes), 1, figsize=(10, 2.8 * len(attributes)), squeeze=False
-    )
-    width = 0.8 / max(len(models), 1)
-    for axis, attribute in zip(axes[:, 0], attributes):
-        labels = sorted(
-            {lab for m in per_model.values() for lab in m.get(attribute, {})}, key=label_order
-        )
-        x = np.arange(len(labels))
-        for j, model in enumerate(models):
-            rows = per_model[model].get(attribute, {})
-            values = [rows.get(lab, {}).get(metric, 0.0) for lab in labels]
-            axis.bar(x + j * width, values, width, label=model)
-        axis.set_xticks(x + width * (len(models) - 1) / 2, labels, rotation=30, fontsize=8)
-        axis.set_title(f"{metric} by {attribute} ({split})")
-        axis.grid(axis="y", alpha=0.3)
-    axes[0, 0].legend(fontsize=8, ncol=min(len(models), 4))
-    figure.tight_layout()
-    return figure
-
-
-def tradeoff_figure(metrics: Mapping[str, Any], split: str, k: int = 10):
-    """Coverage vs accuracy and popularity bias (mean popularity percentile, Gini)."""
-    import matplotlib.pyplot as plt
-
-    split_metrics = metrics["splits"][split]
-    names = sorted(split_metrics)
-    figure, (left, middle, right) = plt.subplots(1, 3, figsize=(14, 3.6))
-    for name in names:
-        row = split_metrics[name]
-        left.scatter(row.get(f"coverage@{k}", 0), row.get(f"ndcg@{k}", 0), s=50)
-        left.annotate(name, (row.get(f"coverage@{k}", 0), row.get(f"ndcg@{k}", 0)), fontsize=8)
-        middle.scatter(row.get(f"pop_pct@{k}", 0), row.get(f"ndcg@{k}", 0), s=50)
-        middle.annotate(name, (row.get(f"pop_pct@{k}", 0), row.get(f"ndcg@{k}", 0)), fontsize=8)
-    left.set(xlabel=f"catalogue coverage@{k}", ylabel=f"ndcg@{k}", title="coverage vs accuracy")
-    middle.set(
-        xlabel=f"mean popularity percentile of top {k}", ylabel=f"ndcg@{k}",
-        title="popularity bias vs accuracy",
-    )
-    right.barh(names, [split_metrics[n].get(f"gini@{k}", 0) for n in names], color="tab:red")
-    right.set(xlabel=f"Gini of exposure@{k} (0 = even)", title="exposure concentration")
-    for axis in (left, middle, right):
-        axis.grid(alpha=0.3)
-    figure.tight_layout()
-    return figure
-
-
 # ---- HTML -----------------------------------------------------------------------------------
 
 
@@ -313,14 +204,19 @@ td:first-child,th:first-child{text-align:left}img{max-width:100%}
 
 
 def write_html(
-    metrics: Mapping[str, Any], path: str, spec=None, export_dir: str = "", data_dir: str = ""
+    metrics: Mapping[str, Any], path: str, spec=None, export_dir: str = "", data_dir: str = "",
+    training: Mapping[str, Any] | None = None,
 ) -> str:
-    """report.html: tables and plots per split, and the what-if panel when an export exists."""
+    """report.html: the data and the training run, tables and plots per split, and the what-if
+    panel when an export exists (`training`: `run_overview.training_section`'s record)."""
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>Offline evaluation</title>",
         f"<style>{STYLE}</style></head><body><h1>Offline evaluation</h1>",
         f"<p>{html.escape(PROTOCOL_TEXT)}</p>",
     ]
+    if spec is not None:
+        parts.append(dataset_section(spec))
+    parts.append(training_section(training))
     protocol_of = {split: p for p, split in metrics.get("protocols", {}).items()}
     for split, counts in metrics.get("users", {}).items():
         if not metrics["splits"].get(split):
@@ -331,15 +227,23 @@ def write_html(
             f"{counts['without_targets']} without held-out items skipped.</p>"
         )
         parts.append(_markdown_table_to_html(format_table(metrics, split, with_ci=True)))
+        same = {first: rest for first, rest in coinciding(metrics["splits"][split]).items()
+                if rest}
+        for first, rest in same.items():
+            parts.append(
+                f"<p><i>{html.escape(' and '.join([', '.join(rest), first]))} give the same "
+                "ranking on this split (without a history, EASE and item-kNN fall back to "
+                "popularity), so the figures draw them once.</i></p>"
+            )
         paired = format_paired(metrics, split)
         if paired:
             parts.append("<h3>Paired test against the best baseline</h3>")
             parts.append(_markdown_table_to_html(paired))
-        parts.append(_img("metric@K curves", curves_figure(metrics, split)))
-        parts.append(_img("coverage, popularity bias", tradeoff_figure(metrics, split)))
+        parts.append(image_tag("metric@K curves", curves_figure(metrics, split)))
+        parts.append(image_tag("coverage, popularity bias", tradeoff_figure(metrics, split)))
         figure = segments_figure(metrics, split)
         if figure is not None:
-            parts.append("<h3>Per segment</h3>" + _img("per-segment accuracy", figure))
+            parts.append("<h3>Per segment</h3>" + image_tag("per-segment accuracy", figure))
     if spec is not None and export_dir:
         panel = what_if_panel(spec, export_dir, data_dir)
         if panel:

@@ -40,7 +40,9 @@ def what_if(
         attribute = max(categorical, key=lambda a: a.vocabulary_size).name
     base: dict[str, Any] = {}
     for a in spec.attributes:
-        base[a.name] = spec.attribute_vocabulary(a.name)[0] if a.is_categorical else a.mean
+        # a numeric attribute at its mean, rounded as a person would type it (45, not 45.3)
+        base[a.name] = (spec.attribute_vocabulary(a.name)[0] if a.is_categorical
+                        else float(f"{a.mean:.2g}"))
     values = spec.attribute_vocabulary(attribute)[:variants]
     generate = tf.saved_model.load(version_dir).signatures["generate"]
     columns = {

@@ -68,7 +68,15 @@ def verify_export(export_dir: str, model_dir: str, num_users: int = 16) -> dict:
             json.dump(cases, f)
         summary = run_verifier(export_dir, cases_path)
     summary["seconds"] = round(time.time() - started, 2)
-    logger.info("verified %s in a fresh process: %s", export_dir, summary)
+    loader = summary.get("session_loader") or {}
+    logger.info(
+        "verified %s in a fresh process: %s on %d rows, largest score difference %.2g "
+        "(TF Serving's session loader: %s), %.1f s", export_dir,
+        ", ".join(summary.get("signatures", [])), summary.get("rows", 0),
+        summary.get("max_abs_diff", 0.0),
+        f"{loader['max_abs_diff']:.2g}" if "max_abs_diff" in loader else "not run",
+        summary["seconds"],
+    )
     return summary
 
 

@@ -33,6 +33,17 @@ def read_trained_on(model_dir: str) -> dict:
     return {} if config is None else config.get(TRAINED_ON, {})
 
 
+def read_training_record(model_dir: str) -> dict | None:
+    """{"training": training_metrics.json, "config": config.json} of a trained model folder
+    (what the report's training section shows), or None when it has no training metrics."""
+    path = os.path.join(model_dir, METRICS_FILE)
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as f:
+        training = json.load(f)
+    return {"training": training, "config": _read_config(model_dir) or {}}
+
+
 def _read_config(model_dir: str) -> dict | None:
     """The parsed `model_dir/config.json`, or None when the folder has none."""
     path = os.path.join(model_dir, CONFIG_FILE)

@@ -19,6 +19,7 @@ from recsys_cvae.config import Config
 from recsys_cvae.datasets.synthetic import write_synthetic
 from recsys_cvae.evaluation.evaluate import HTML_FILE, REPORT_FILE, evaluate
 from recsys_cvae.evaluation.report import format_table
+from recsys_cvae.model.model_dir import read_training_record
 from recsys_cvae.pipeline import cvae_runs
 from recsys_cvae.pipeline.multvae_run import NAME as MULTVAE
 from recsys_cvae.pipeline.multvae_run import build_multvae
@@ -98,9 +99,14 @@ def run_baselines(jobs: BeamJobs, work: Workdir, config: Config) -> list[str]:
 
 
 def run_evaluate(work: Workdir, config: Config, data_dir: str = "") -> dict:
+    """The report, with the main protocol model's training run beside the metrics (the one
+    whose settings the served model reuses)."""
+    models = planned_models(work, config) if os.path.exists(
+        os.path.join(work.features, S.SPEC_FILE)) else []
+    training = read_training_record(models[0].model_dir) if models else None
     return evaluate(
         work.features, work.candidates, work.report, config.evaluate,
-        data_dir=data_dir, export_dir=work.export,
+        data_dir=data_dir, export_dir=work.export, training=training,
     )
 
 
