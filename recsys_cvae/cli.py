@@ -325,7 +325,8 @@ def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
 def run_serve(args: argparse.Namespace, work: Workdir) -> NoReturn:
     """Serves until SIGTERM/SIGINT; in-flight requests finish first."""
     # Deferred: the server loads TensorFlow and grpc, which other commands do not need.
-    from serving.server import ModelServer, describe, exit_after_stop
+    with _native_stderr_hidden(not args.debug):
+        from serving.server import ModelServer, describe, exit_after_stop
 
     base_path = None if args.model_config_file else (args.model_base_path or work.export)
     server = ModelServer(base_path, **server_kwargs(args))

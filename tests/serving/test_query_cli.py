@@ -56,3 +56,25 @@ def test_an_unknown_attribute_value_is_noted_or_refused_with_strict(tmp_path, ta
     assert "region='east': not among the values" in line and "drop --strict" in line
     known = run_cli(tmp_path, *args[:-4], "--attr", "region=south", "--strict")
     assert known.returncode == 0 and known.stderr == "", known.stderr
+
+
+def test_serve_starts_quietly_from_a_users_folder(tmp_path, model_base_path):
+    import signal
+    import socket
+
+    with socket.socket() as probe:  # a free port on loopback
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [*CLI, "serve", "--model-base-path", model_base_path, "--port", str(port)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
+    try:
+        first = process.stdout.readline()  # blocks until the server says it is up
+        assert first.startswith("serving recsys_cvae on 127.0.0.1:"), first
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    for noise in ("absl::InitializeLog", "oneDNN", "cuda", "custom gradients", "Traceback"):
+        assert noise not in stderr, stderr
