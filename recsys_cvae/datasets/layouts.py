@@ -27,14 +27,17 @@ header is line 1), or its 1-based row number in a Parquet file.
 from __future__ import annotations
 
 import dataclasses
-import os
-import posixpath
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from recsys_cvae.datasets import generic_tables, movielens
 from recsys_cvae.datasets.errors import BadRow, InputError
+from recsys_cvae.datasets.file_detection import (
+    check_movielens_file,
+    find_files,
+    sniff_compression,
+)
 from recsys_cvae.datasets.generic_tables import CSV, PARQUET, iter_parquet_rows
 from recsys_cvae.datasets.movielens import ML_1M, ML_100K
 from recsys_cvae.datasets.rows import (
@@ -52,11 +55,7 @@ from recsys_cvae.datasets.rows import (
 from recsys_cvae.derivations import derive
 from recsys_cvae.spec import CATEGORICAL, NUMERIC, RESERVED_NAMES
 
-# Detection looks for the interactions file of each layout, in this order; every text file
-# may also be gzipped under its name + ".gz".
-_FILE_NAMES = {**movielens.FILE_NAMES, **generic_tables.FILE_NAMES}
 _ATTRIBUTE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_GZIP_MAGIC = b"\x1f\x8b"
 # Names the serving signatures use for their own inputs (`export.saved_model.HISTORY_INPUT`):
 # an attribute input of the same name would collide with them.
 SIGNATURE_INPUT_NAMES = frozenset({"item_ids"})
@@ -221,90 +220,10 @@ def detect_layout(
       InputError: nothing recognisable, two layouts at once, a missing required column, or an
         override naming an unknown attribute; the message names the directory or file.
     """
-    name, paths = _find_files(data_dir)
+    name, paths = find_files(data_dir)
     compression = {role: sniff_compression(path) for role, path in paths.items()}
     layout = _read_columns(name, data_dir, paths, compression)
     return _apply_overrides(layout, categorical, numeric, drop_attributes)
-
-
-def sniff_compression(path: str) -> str:
-    """`gzip` when the file starts with gzip's magic bytes, else `uncompressed`.
-
-    Parquet files compress inside (their own pages), so they always read as `uncompressed`.
-    """
-    from apache_beam.io.filesystems import FileSystems
-
-    with FileSystems.open(path, compression_type="uncompressed") as f:
-        return "gzip" if f.read(2) == _GZIP_MAGIC else "uncompressed"
-
-
-def _find_files(data_dir: str) -> tuple[str, dict[str, str]]:
-    """The one layout whose interactions file `data_dir` holds, and its files that exist.
-
-    Each file may be plain or gzipped under its name + ".gz" (`interactions.csv.gz`); a
-    Parquet file under its own name only.
-    """
-    from apache_beam.io.filesystems import FileSystems
-
-    if not FileSystems.exists(data_dir):
-        raise InputError(f"{data_dir}: data directory not found")
-    if "://" not in data_dir and not os.path.isdir(data_dir):
-        raise InputError(f"{data_dir}: not a folder; expected the folder that holds the files")
-    found = {
-        name: {role: _variant(data_dir, name, f) for role, f in files.items()}
-        for name, files in _FILE_NAMES.items()
-    }
-    present = {name: files for name, files in found.items() if files[INTERACTIONS]}
-    if not present:
-        raise InputError(
-            f"{data_dir}: no input layout recognised; expected u.data (MovieLens-100K), "
-            "ratings.dat (MovieLens-1M), interactions.csv or interactions.parquet (generic), "
-            "or a text one gzipped as <name>.gz"
-        )
-    if len(present) > 1:
-        names = ", ".join(posixpath.basename(files[INTERACTIONS]) for files in present.values())
-        raise InputError(f"{data_dir}: holds {names}; keep the files of one layout only")
-    (name, candidates), = present.items()
-    return name, {role: path for role, path in candidates.items() if path}
-
-
-def _variant(data_dir: str, layout: str, file_name: str) -> str:
-    """The path of `file_name` or `file_name.gz` in `data_dir`, "" when neither exists."""
-    from apache_beam.io.filesystems import FileSystems
-
-    names = [file_name] if layout == PARQUET else [file_name, file_name + ".gz"]
-    existing = [_join(data_dir, n) for n in names if FileSystems.exists(_join(data_dir, n))]
-    if len(existing) > 1:
-        raise InputError(f"{data_dir}: holds both {file_name} and {file_name}.gz; keep one")
-    return existing[0] if existing else ""
-
-
-def _check_movielens_file(path: str, compression: str, separator: str, columns) -> None:
-    """A MovieLens file has no header: its first line must split into its columns.
-
-    Raises:
-      InputError: the file is empty, or its first line is split by another separator (a
-        u.data rewritten with commas).
-    """
-    from apache_beam.io.filesystems import FileSystems
-
-    with FileSystems.open(path, compression_type=compression) as f:
-        first = f.readline()
-        while first and not first.strip():
-            first = f.readline()
-    text = first.decode(movielens.ENCODING).rstrip("\r\n").removeprefix("\ufeff")
-    expected = f"{len(columns)} fields separated by {separator!r} ({', '.join(columns)})"
-    if not text.strip():
-        raise InputError(f"{path}: empty file; expected rows of {expected}")
-    if len(text.split(separator)) == len(columns):
-        return
-    for other in (",", ";", "\t", "|", "::"):
-        if other != separator and len(text.split(other)) == len(columns):
-            raise InputError(
-                f"{path}: line 1 is separated by {other!r} ({text[:80]!r}); expected {expected}, "
-                "as MovieLens writes it"
-            )
-    # Other mismatches are per-row problems: the dead letters name them line by line.
 
 
 def _read_columns(
@@ -314,7 +233,7 @@ def _read_columns(
     if name in (ML_100K, ML_1M):
         columns = movielens.COLUMNS[name]
         for role, path in paths.items():
-            _check_movielens_file(
+            check_movielens_file(
                 path, compression[role], movielens.SEPARATORS[name][role], columns[role]
             )
         return Layout(
@@ -411,14 +330,6 @@ def _check_attribute_names(where: str, attributes: tuple[str, ...]) -> None:
                 "a letter or _ and hold only letters, digits and _); rename it or list it in "
                 "features.drop_attributes"
             )
-
-
-def _join(directory: str, name: str) -> str:
-    from apache_beam.io.filesystems import FileSystems
-
-    return FileSystems.join(directory, name) if "://" in directory else posixpath.join(
-        directory, name
-    )
 
 
 # ---- reading rows -------------------------------------------------------------------------
