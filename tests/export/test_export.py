@@ -429,3 +429,35 @@ def test_swapped_tied_items_are_accepted_and_nothing_else(cases):
     reference[ids[1]] = scores[0] - 1.0  # no longer a tie
     with pytest.raises(V.VerificationError, match="row 0 rank 0"):
         V._compare_ranking("recommend", "item_ids", got, case, 10, 1e-4, 1e-4)
+
+
+def _custom_gradient_functions(export_dir: str) -> list[str]:
+    """Functions of the SavedModel whose ops carry a custom gradient: what makes every load
+    log "Importing a function ... with ops with unsaved custom gradients"."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    with open(os.path.join(export_dir, "saved_model.pb"), "rb") as f:
+        proto.ParseFromString(f.read())
+    library = proto.meta_graphs[0].graph_def.library
+    return [fn.signature.name for fn in library.function
+            if any("_gradient_op_type" in node.attr for node in fn.node_def)]
+
+
+def test_the_export_carries_no_custom_gradient_and_no_keras_layers(exported):
+    export_dir, _ = exported
+    assert _custom_gradient_functions(export_dir) == []
+    with open(os.path.join(export_dir, "saved_model.pb"), "rb") as f:
+        assert b"layer_call_and_return_conditional_losses" not in f.read()
+
+
+def test_the_custom_gradient_check_can_fail(tmp_path):
+    @tf.custom_gradient
+    def doubled(x):
+        return 2 * x, lambda upstream: 2 * upstream
+
+    module = tf.Module()
+    module.call = tf.function(doubled, input_signature=[tf.TensorSpec([None], tf.float32)])
+    tf.saved_model.save(module, str(tmp_path), options=tf.saved_model.SaveOptions(
+        experimental_custom_gradients=False))
+    assert _custom_gradient_functions(str(tmp_path))
