@@ -422,17 +422,35 @@ def format_summary(spec: S.FeatureSpec, output_dir: str) -> str:
         for reason, n in stats["reasons"].items():
             reasons[reason] = reasons.get(reason, 0) + n
     dead = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+    per_file = "; ".join(
+        f"{posixpath.basename(path)} {stats['rows_read']} read, {stats['rows_valid']} valid"
+        for path, stats in counts["files"].items()
+    )
     return (
         f"features ({spec.layout}): {counts['rows_read']} rows read, {counts['rows_valid']} "
         f"valid, {counts['rows_dead_lettered']} dead-lettered{f' ({dead})' if dead else ''}\n"
+        f"  {per_file}\n"
         f"  {counts['users']} users, {counts['items']} items, {len(spec.attributes)} attributes;"
         f" protocols {', '.join(spec.protocols)}\n"
         f"  users per split: {per_split}\n"
+        + _empty_validation_line(spec)
         + _profile_line(counts)
         + "".join(f"  {line}\n" for line in _attribute_lines(spec))
         + 
         f"  wrote {posixpath.join(output_dir, S.SPEC_FILE)}"
     )
+
+
+def _empty_validation_line(spec: S.FeatureSpec) -> str:
+    """Protocols whose validation split came out empty: their model keeps its last epoch and
+    nothing tunes it, which a user should know before reading its scores."""
+    empty = [protocol for protocol, roles in spec.protocols.items()
+             if roles.get("validation") and not spec.counts["users_per_split"].get(
+                 roles["validation"])]
+    if not empty:
+        return ""
+    return (f"  note: no validation users for {', '.join(empty)} (too little data): its model "
+            "keeps its last epoch, untuned\n")
 
 
 def _profile_line(counts: dict) -> str:

@@ -198,8 +198,8 @@ class TrainConfig:
       num_logical_cpus: with `mirrored` and no GPU, split the CPU into this many devices.
       early_stopping_patience: epochs without a better validation NDCG@10 before stopping.
       seed: TensorFlow and Python seeds.
-      verbose: Keras progress output (0 silent, 1 bar, 2 one line per epoch); the bar becomes
-        one line per epoch when stdout is not a terminal.
+      verbose: Keras progress output (0 silent, 1 bar, 2 one line per epoch); the bar is left
+        out when stdout is not a terminal (the epoch's log line says the same).
       mixed_precision: compute in float16 (`mixed_float16`, for GPUs) with float32 logits
         and loss; variables stay float32.
       protocol: the main protocol, whose CVAE answers cold start in the evaluation and whose

@@ -142,9 +142,11 @@ def segments_figure(metrics: Mapping[str, Any], split: str, metric: str = ""):
             rows = per_model[model].get(attribute, {})
             values = np.array([rows.get(lab, {}).get(metric, 0.0) for lab in labels])
             intervals = [rows.get(lab, {}).get("ci", {}).get(metric) for lab in labels]
-            errors = np.array([[v - lo, hi - v] if ci else [0.0, 0.0]
-                               for v, ci, (lo, hi) in zip(
-                                   values, intervals, [c or (0, 0) for c in intervals])]).T
+            # a percentile interval need not hold the mean (few replicates): clip at 0
+            errors = np.maximum(np.array([[v - lo, hi - v] if ci else [0.0, 0.0]
+                                          for v, ci, (lo, hi) in zip(
+                                              values, intervals,
+                                              [c or (0, 0) for c in intervals])]).T, 0.0)
             axis.bar(x + j * width, values, width, label=legend, yerr=errors, color=colour(model),
                      error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "#444"})
             for lab in labels:

@@ -149,6 +149,18 @@ PROTOCOL_TEXT = (
 )
 
 
+def coinciding_notes(metrics: Mapping[str, Any], split: str) -> list[str]:
+    """One sentence per group of models that rank identically on `split` (so a reader sees
+    three equal rows as one fact, not three results)."""
+    notes = []
+    for first, rest in coinciding(metrics["splits"].get(split, {})).items():
+        if rest:
+            notes.append(f"{' and '.join([', '.join(rest), first])} give the same ranking on "
+                         "this split (without a history, EASE and item-kNN fall back to "
+                         "popularity).")
+    return notes
+
+
 def format_report(metrics: Mapping[str, Any]) -> str:
     """report.md: protocol paragraph, then per split the main table with CIs, the paired test
     and the per-segment tables."""
@@ -162,6 +174,7 @@ def format_report(metrics: Mapping[str, Any]) -> str:
             f"{counts['without_targets']} without held-out items skipped.\n"
         )
         parts.append(format_table(metrics, split, with_ci=True))
+        parts.extend(f"_{note}_\n" for note in coinciding_notes(metrics, split))
         paired = format_paired(metrics, split)
         if paired:
             parts.append("### Paired test against the best baseline\n\n" + paired)
@@ -227,14 +240,8 @@ def write_html(
             f"{counts['without_targets']} without held-out items skipped.</p>"
         )
         parts.append(_markdown_table_to_html(format_table(metrics, split, with_ci=True)))
-        same = {first: rest for first, rest in coinciding(metrics["splits"][split]).items()
-                if rest}
-        for first, rest in same.items():
-            parts.append(
-                f"<p><i>{html.escape(' and '.join([', '.join(rest), first]))} give the same "
-                "ranking on this split (without a history, EASE and item-kNN fall back to "
-                "popularity), so the figures draw them once.</i></p>"
-            )
+        for note in coinciding_notes(metrics, split):
+            parts.append(f"<p><i>{html.escape(note)} The figures draw them once.</i></p>")
         paired = format_paired(metrics, split)
         if paired:
             parts.append("<h3>Paired test against the best baseline</h3>")

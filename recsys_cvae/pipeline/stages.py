@@ -18,7 +18,7 @@ from recsys_cvae.baselines.build import build_baselines
 from recsys_cvae.config import Config
 from recsys_cvae.datasets.synthetic import write_synthetic
 from recsys_cvae.evaluation.evaluate import HTML_FILE, REPORT_FILE, evaluate
-from recsys_cvae.evaluation.report import format_table
+from recsys_cvae.evaluation.report import coinciding_notes, format_table
 from recsys_cvae.model.model_dir import read_training_record
 from recsys_cvae.pipeline import cvae_runs
 from recsys_cvae.pipeline.multvae_run import NAME as MULTVAE
@@ -139,7 +139,8 @@ def print_metrics(metrics: dict) -> None:
         title = f"Metrics on the {split} users" + (
             f" ({protocol_of[split]} protocol)" if split in protocol_of else ""
         )
-        print(f"\n{title}\n" + format_table(metrics, split))
+        notes = "".join(f"\n{note}" for note in coinciding_notes(metrics, split))
+        print(f"\n{title}\n" + format_table(metrics, split) + notes)
 
 
 def write_demo_data(work: Workdir, num_users: int, num_items: int, seed: int) -> str:

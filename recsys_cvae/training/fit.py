@@ -329,10 +329,11 @@ def _fit(
 
 
 def progress_verbosity(verbose: int) -> int:
-    """Keras's `verbose`, with the bar (1) made one line per epoch (2) when stdout is not a
-    terminal: a log file or CI output would otherwise fill with `\r` redraws."""
+    """Keras's `verbose`, with its bar (1) off when stdout is not a terminal: a log file or
+    CI output would fill with `\r` redraws, and `RankingValidation` already logs one line
+    per epoch (loss and validation metrics)."""
     if verbose == 1 and not sys.stdout.isatty():
-        return 2
+        return 0
     return verbose
 
 
