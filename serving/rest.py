@@ -22,15 +22,14 @@ Example:
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import threading
+import urllib.parse
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
-import numpy as np
-import tensorflow as tf
 from google.protobuf import json_format
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
@@ -38,13 +37,22 @@ from tensorflow_serving.apis import (
     predict_pb2,
 )
 
+from serving.json_tensors import JsonTensorError, request_tensors, response_json
 from serving.servable import DEFAULT_SIGNATURE, RpcError, invalid
 
-_PATH = re.compile(
-    r"^/v1/models/(?P<name>[^/:]+)"
-    r"(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
-    r"(?P<rest>:predict|/metadata)?/?$"
-)
+# tensorflow_serving/model_servers/http_rest_api_util.cc: kPredictionApiGegex and
+# kModelStatusApiRegex, matched in full and case-insensitively like RE2::FullMatch with (?i).
+_PREDICT_PATH = re.compile(
+    r"/v1/models/(?P<name>[^/:]+)(?:(?:/versions/(?P<version>\d+))|(?:/labels/(?P<label>[^/:]+)))?"
+    r":(?P<method>classify|regress|predict)", re.IGNORECASE)
+_STATUS_PATH = re.compile(
+    r"/v1/models(?:/(?P<name>[^/:]+))?(?:(?:/versions/(?P<version>\d+))|"
+    r"(?:/labels/(?P<label>[^/:]+)))?(?:/(?P<sub>metadata))?", re.IGNORECASE)
+# http_rest_api_handler.cc's kPathRegex: everything else is not the REST API's.
+_API_PATH = re.compile(r"/v1/.*", re.IGNORECASE)
+# A request body larger than the message cap is read and dropped up to this many bytes, so the
+# client reads the error instead of a reset connection; past it the connection is closed.
+_MAX_DRAIN_BYTES = 64 * 1024 * 1024
 _HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDITION: 400,
     grpc.StatusCode.OUT_OF_RANGE: 400, grpc.StatusCode.UNAUTHENTICATED: 401,
@@ -54,41 +62,6 @@ _HTTP_STATUS = {
     grpc.StatusCode.UNIMPLEMENTED: 501, grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
-_STATE_NAMES = {v: k for k, v in get_model_status_pb2.ModelVersionStatus.State.items()}
-
-
-def _decode_value(value):
-    """JSON -> numpy-ready value: {"b64": ...} becomes bytes, strings become UTF-8 bytes."""
-    if isinstance(value, dict):
-        if set(value) == {"b64"}:
-            return base64.b64decode(value["b64"])
-        raise invalid(f"unexpected JSON object {json.dumps(value)[:80]}; only {{\"b64\": ...}}")
-    if isinstance(value, list):
-        return [_decode_value(v) for v in value]
-    if isinstance(value, str):
-        return value.encode()
-    return value
-
-
-def _tensor_proto(name: str, value, dtype: int):
-    """One input's batch-major JSON value -> TensorProto of the signature's dtype."""
-    try:
-        array = np.array(_decode_value(value), dtype=tf.dtypes.as_dtype(dtype).as_numpy_dtype)
-        if array.dtype == object and any(not isinstance(v, bytes) for v in array.ravel()):
-            raise ValueError("expected strings of equal-length lists")
-        return tf.make_tensor_proto(array, dtype=dtype)
-    except RpcError:
-        raise
-    except (TypeError, ValueError, OverflowError) as error:
-        raise invalid(f'input "{name}": cannot make a {tf.dtypes.as_dtype(dtype).name} tensor '
-                      f"of this JSON ({error})") from None
-
-
-def _json_value(array: np.ndarray):
-    if array.dtype == object:
-        return np.vectorize(lambda b: b.decode("utf-8", "replace"), otypes=[object])(
-            array).tolist() if array.size else array.tolist()
-    return array.tolist()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -98,127 +71,172 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _reply(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
+        data = json.dumps(body, indent=1).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
-    def _answer(self, method: str) -> None:
+    def send_error(self, code, message=None, explain=None):  # noqa: D102
+        """http.server's own errors (unknown method, bad request line, header too long) as
+        TF Serving's JSON error body instead of an HTML page."""
+        self.close_connection = True
         try:
-            match = _PATH.match(self.path)
-            if match is None:
-                raise RpcError(
-                    grpc.StatusCode.NOT_FOUND, f"Malformed request: {method} {self.path}")
-            rest = match["rest"] or ""
-            if (method == "POST") != (rest == ":predict"):
-                raise invalid(f"Malformed request: {method} {self.path}")
-            spec = dict(name=match["name"])
-            if match["version"]:
-                spec["version"] = match["version"]
-            if match["label"]:
-                spec["version_label"] = match["label"]
-            if rest == ":predict":
-                body = self._predict(spec)
-            elif rest == "/metadata":
-                body = self._metadata(spec)
-            else:
-                body = self._status(spec)
+            self._reply(code, {"error": message or HTTPStatus(code).phrase})
+        except OSError:
+            pass
+
+    def _answer(self) -> None:
+        method, path = self.command, urllib.parse.urlsplit(self.path).path
+        try:
+            if not _API_PATH.fullmatch(path):
+                raise RpcError(grpc.StatusCode.NOT_FOUND, f"Not found: {method} {path}")
+            body = self._route(method, path)
             self._reply(200, body)
         except RpcError as error:
             self._reply(_HTTP_STATUS.get(error.code, 500), {"error": error.message})
         except Exception as error:  # noqa: BLE001  (answer, never drop the connection)
             self._reply(500, {"error": str(error).splitlines()[0] if str(error) else "error"})
 
-    def do_GET(self) -> None:  # noqa: N802  (http.server names)
-        self._answer("GET")
+    def _route(self, method: str, path: str) -> dict:
+        """`HttpRestApiHandler::ProcessRequest`: POST predict paths and GET status/metadata
+        paths; anything else, on any method, is "Malformed request" (INVALID_ARGUMENT)."""
+        malformed = invalid(f"Malformed request: {method} {path}")
+        match = (_PREDICT_PATH.fullmatch(path) if method == "POST"
+                 else _STATUS_PATH.fullmatch(path) if method == "GET" else None)
+        if match is None:
+            self._drain()
+            raise malformed
+        spec = {"name": urllib.parse.unquote(match["name"] or "")}
+        if match["version"]:
+            spec["version"] = match["version"]
+        if match["label"]:
+            spec["version_label"] = urllib.parse.unquote(match["label"])
+        if method == "POST":
+            if match["method"].lower() != "predict":
+                self._drain()
+                raise invalid(f"{match['method']} is not served here: every signature of a "
+                              "recsys-cvae export is a predict signature; use :predict")
+            return self._predict(spec)
+        if not spec["name"]:
+            raise invalid("Missing model name in request.")
+        return self._metadata(spec) if match["sub"] else self._status(spec)
 
-    def do_POST(self) -> None:  # noqa: N802
-        self._answer("POST")
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = _answer
 
-    def _read_json(self) -> dict:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > self.model_server.max_message_bytes:
-            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request body of {length} bytes")
+    def _read_body(self) -> bytes:
+        """The request body: Content-Length or chunked, capped at the server's message size."""
+        cap = self.model_server.max_message_bytes
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            return self._read_chunked(cap)
+        text = self.headers.get("Content-Length")
+        if text is None:
+            return b""
+        if not text.strip().isdigit():
+            self.close_connection = True
+            raise invalid(f"Invalid Content-Length: {text!r}")
+        length = int(text)
+        if length > cap:
+            self._discard(length)
+            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"request body of {length} bytes is larger than the limit of {cap}")
+        return self.rfile.read(length)
+
+    def _read_chunked(self, cap: int) -> bytes:
+        body = bytearray()
+        while True:
+            line = self.rfile.readline(1024).split(b";")[0].strip()
+            try:
+                size = int(line, 16)
+            except ValueError:
+                self.close_connection = True
+                raise invalid(f"Invalid chunk size line: {line[:40]!r}") from None
+            if size == 0:
+                while self.rfile.readline(1024).strip():  # trailers
+                    pass
+                return bytes(body)
+            if len(body) + size > cap:
+                self.close_connection = True
+                raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"request body larger than the limit of {cap} bytes")
+            body += self.rfile.read(size)
+            self.rfile.readline(8)  # the chunk's CRLF
+
+    def _discard(self, length: int) -> None:
+        """Reads and drops a body too large to parse, so the client sees the answer."""
+        self.close_connection = True
+        left = min(length, _MAX_DRAIN_BYTES)
+        while left > 0:
+            chunk = self.rfile.read(min(left, 1 << 20))
+            if not chunk:
+                return
+            left -= len(chunk)
+
+    def _drain(self) -> None:
+        """Reads the body of a request that is refused before its body is needed."""
         try:
-            body = json.loads(self.rfile.read(length) or b"null")
-        except ValueError as error:
-            raise invalid(f"JSON Parse error: {error}") from None
-        if not isinstance(body, dict):
-            raise invalid("the request body must be a JSON object")
-        return body
+            self._read_body()
+        except RpcError:
+            pass
 
     def _predict(self, spec: dict) -> dict:
-        body = self._read_json()
-        signature_name = body.get("signature_name") or DEFAULT_SIGNATURE
-        if not isinstance(signature_name, str):
-            raise invalid("'signature_name' key must be a string value.")
+        data = self._read_body()
+        if not data.strip():
+            raise invalid("JSON Parse error: The document is empty")
+        try:
+            body = json.loads(data)
+        except (ValueError, RecursionError) as error:
+            raise invalid(f"JSON Parse error: {str(error)[:200]}") from None
+        if isinstance(body, dict) and "signature_name" in body and not isinstance(
+                body["signature_name"], str):
+            raise invalid(f"JSON Value: {json.dumps(body)[:200]} not formatted correctly. "
+                          "'signature_name' key must be a string value.")
+        signature_name = (body.get("signature_name") if isinstance(body, dict) else "") or ""
         request = predict_pb2.PredictRequest()
         json_format.ParseDict({"model_spec": spec}, request)
-        request.model_spec.signature_name = signature_name
-        server = self.model_server
-        signature = server.resolve(request.model_spec).signature_defs.get(signature_name)
-        if signature is None:
-            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION,
-                           f'Serving signature key "{signature_name}" not found.')
-        if ("instances" in body) == ("inputs" in body):
-            raise invalid("Missing 'inputs' or 'instances' key (exactly one is needed)")
-        columns = body.get("inputs")
-        if "instances" in body:
-            rows = body["instances"]
-            if not isinstance(rows, list):
-                raise invalid("'instances' must be a list of objects, one per example")
-            names = sorted(signature.inputs)
-            if len(names) == 1 and not all(isinstance(r, dict) for r in rows):
-                rows = [{names[0]: r} for r in rows]
-            if not all(isinstance(r, dict) for r in rows):
-                raise invalid("each instance must be an object naming every input")
-            keys = set().union(*rows) if rows else set(names)
-            columns = {key: [r.get(key) for r in rows] for key in keys}
-        elif not isinstance(columns, dict):
-            if len(signature.inputs) != 1:
-                raise invalid("'inputs' must be an object: input name -> batch-major values")
-            columns = {next(iter(signature.inputs)): columns}
-        for key, value in columns.items():
-            dtype = signature.inputs[key].dtype if key in signature.inputs else tf.string
-            request.inputs[key].CopyFrom(_tensor_proto(key, value, dtype))
-        outputs = server.predict(request).outputs
-        arrays = {key: tf.make_ndarray(proto) for key, proto in outputs.items()}
-        if "instances" not in body:
-            values = {key: _json_value(a) for key, a in arrays.items()}
-            return {"outputs": values if len(values) > 1 else next(iter(values.values()))}
-        batch = [{key: _json_value(a[i]) for key, a in arrays.items()}
-                 for i in range(len(body["instances"]))]
-        single = len(arrays) == 1
-        return {"predictions": [next(iter(row.values())) if single else row for row in batch]}
+        request.model_spec.signature_name = signature_name or DEFAULT_SIGNATURE
+        name = request.model_spec.signature_name
+        signature = self.model_server.resolve(request.model_spec).signature_defs.get(name)
+        if signature is None:  # HttpRestApiHandler::GetInfoMap
+            raise invalid(f'Serving signature name: "{name}" not found in signature def')
+        try:
+            tensors, form = request_tensors(
+                body, {key: info.dtype for key, info in signature.inputs.items()})
+        except JsonTensorError as error:
+            raise invalid(str(error)) from None
+        for key, proto in tensors.items():
+            request.inputs[key].CopyFrom(proto)
+        outputs = self.model_server.predict(request).outputs
+        try:
+            return response_json(outputs, form)
+        except JsonTensorError as error:
+            raise invalid(str(error)) from None
 
     def _metadata(self, spec: dict) -> dict:
+        """`ToJsonString(GetModelMetadataResponse)`: proto field names, defaults printed."""
         request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
         json_format.ParseDict({"model_spec": spec}, request)
         response = self.model_server.metadata(request)
         signature_map = get_model_metadata_pb2.SignatureDefMap()
         response.metadata["signature_def"].Unpack(signature_map)
-        return {
-            "model_spec": {"name": response.model_spec.name, "signature_name": "",
-                           "version": str(response.model_spec.version.value)},
-            "metadata": {"signature_def": json_format.MessageToDict(signature_map)},
-        }
+        return {"model_spec": _proto_json(response.model_spec),
+                "metadata": {"signature_def": _proto_json(signature_map)}}
 
     def _status(self, spec: dict) -> dict:
+        """`ToJsonString(GetModelStatusResponse)`: the proto's json names, defaults printed."""
         request = get_model_status_pb2.GetModelStatusRequest()
         json_format.ParseDict({"model_spec": spec}, request)
         response = self.model_server.status(request)
-        return {"model_version_status": [
-            {"version": str(entry.version), "state": _STATE_NAMES[entry.state],
-             "status": {"error_code": grpc.StatusCode(_code(entry.status.error_code)).name,
-                        "error_message": entry.status.error_message}}
-            for entry in response.model_version_status
-        ]}
+        for entry in response.model_version_status:
+            entry.status.SetInParent()  # OK status printed as {"error_code": "OK", ...}
+        return json_format.MessageToDict(response, always_print_fields_with_no_presence=True)
 
 
-def _code(number: int):
-    return next(code.value for code in grpc.StatusCode if code.value[0] == number)
+def _proto_json(message) -> dict:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True)
 
 
 class RestServer:

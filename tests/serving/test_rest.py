@@ -33,7 +33,7 @@ def test_predict_row_format(rest_url):
     status, body = call(f"{rest_url}/recsys_cvae:predict", {
         "signature_name": "recommend",
         "instances": [{"item_ids": ["i1", ""], "region": "north", "age": 30},
-                      {"item_ids": ["", ""], "region": "south", "age": "NaN"}],
+                      {"item_ids": ["", ""], "region": "south", "age": float("nan")}],
     })
     assert status == 200, body
     # user 0 saw i1: i5 (1 + 10), i2 (4), i3 (3); user 1: south adds 10 to i4
@@ -59,8 +59,10 @@ def test_status_and_metadata(rest_url):
     status, body = call(f"{rest_url}/recsys_cvae/metadata")
     assert status == 200
     assert body["model_spec"]["version"] == "1"
-    inputs = body["metadata"]["signature_def"]["signatureDef"]["generate"]["inputs"]
-    assert inputs["age"]["dtype"] == "DT_FLOAT"
+    generate = body["metadata"]["signature_def"]["signature_def"]["generate"]
+    assert generate["inputs"]["age"]["dtype"] == "DT_FLOAT"
+    assert generate["inputs"]["age"]["tensor_shape"]["dim"][0]["size"] == "-1"
+    assert generate["method_name"] == "tensorflow/serving/predict"
 
 
 @pytest.mark.parametrize("path, body, status", [

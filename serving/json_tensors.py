@@ -1,0 +1,263 @@
+"""TF Serving's REST JSON <-> tensors, to the letter of `tensorflow_serving/util/json_tensor.cc`.
+
+Why a port and not `np.array(json)`: TF Serving is strict, and a client written against it
+relies on that. A float input takes JSON numbers only (`null` or `true` is a 400, not NaN or
+1.0: `AddValueToTensor`); every instance names every input (`FillTensorMapFromInstancesList`:
+"keys must be equal to"); `"instances": []` is refused ("No values in 'instances' array");
+lists must be dense at one rank (`FillTensorProto`); strings are JSON strings or
+`{"b64": ...}`. Each function below cites the C++ function it follows. Numbers outside
+float32's range are refused too (rapidjson's GetFloat would turn 1e39 into inf).
+
+The answers are written as `MakeRowFormatJsonFromTensors` / `MakeColumnarFormatJsonFromTensors`
+write them: `{"predictions": [...]}` for row requests, `{"outputs": ...}` for columnar ones,
+one object per row (or the bare value) depending on how many outputs there are.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from tensorflow.core.framework import tensor_pb2, types_pb2
+
+from serving.tensor_protos import to_ndarray, to_tensor_proto
+
+ROW, COLUMNAR = "row", "columnar"
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_INT32 = (types_pb2.DT_INT32, types_pb2.DT_INT16, types_pb2.DT_INT8, types_pb2.DT_UINT8)
+_NUMPY = {types_pb2.DT_FLOAT: np.float32, types_pb2.DT_DOUBLE: np.float64,
+          types_pb2.DT_INT32: np.int32, types_pb2.DT_INT16: np.int16, types_pb2.DT_INT8: np.int8,
+          types_pb2.DT_UINT8: np.uint8, types_pb2.DT_INT64: np.int64, types_pb2.DT_BOOL: np.bool_,
+          types_pb2.DT_STRING: object}
+
+
+class JsonTensorError(ValueError):
+    """A request TF Serving answers with INVALID_ARGUMENT (HTTP 400), with its message."""
+
+
+def _debug(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), allow_nan=True)[:200]
+
+
+def _type_name(value: Any) -> str:
+    """rapidjson's type names (`JsonTypeString`)."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, (int, float)):
+        return "NUMBER"
+    if isinstance(value, str):
+        return "STRING"
+    return "OBJECT" if isinstance(value, dict) else "ARRAY"
+
+
+def _type_error(value: Any, dtype: int) -> JsonTensorError:
+    """`TypeError` in json_tensor.cc."""
+    expected = types_pb2.DataType.Name(dtype).removeprefix("DT_").lower()  # DataTypeString
+    return JsonTensorError(f"JSON Value: {_debug(value)} Type: {_type_name(value)} is not of "
+                           f"expected type: {expected}")
+
+
+def _is_b64(value: Any) -> bool:
+    """`IsValBase64Object`: an object with exactly one key, "b64", holding a string."""
+    return isinstance(value, dict) and len(value) == 1 and isinstance(value.get("b64"), str)
+
+
+def _scalar(value: Any, dtype: int) -> Any:
+    """One JSON leaf as a value of `dtype` (`AddValueToTensor`), or JsonTensorError."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if dtype in (types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE):
+        if not number:
+            raise _type_error(value, dtype)
+        if dtype == types_pb2.DT_FLOAT and math.isfinite(value) and abs(value) > _FLOAT32_MAX:
+            raise JsonTensorError(f"JSON Value: {_debug(value)} is out of range for float32")
+        return float(value)
+    if dtype in _INT32 or dtype == types_pb2.DT_INT64:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _type_error(value, dtype)
+        info = np.iinfo(_NUMPY[dtype])
+        if not info.min <= value <= info.max:
+            raise _type_error(value, dtype)
+        return value
+    if dtype == types_pb2.DT_BOOL:
+        if not isinstance(value, bool):
+            raise _type_error(value, dtype)
+        return value
+    if dtype == types_pb2.DT_STRING:
+        if isinstance(value, dict):
+            if not _is_b64(value):
+                raise JsonTensorError(
+                    f"JSON Value: {_debug(value)} not formatted correctly for base64 data")
+            try:
+                return base64.b64decode(value["b64"], validate=True)
+            except (binascii.Error, ValueError):
+                raise JsonTensorError("Unable to base64 decode") from None
+        if not isinstance(value, str):
+            raise _type_error(value, dtype)
+        return value.encode()
+    raise JsonTensorError(f"Conversion of JSON Value: {_debug(value)} to type: "
+                          f"{types_pb2.DataType.Name(dtype)} is not supported")
+
+
+def _shape(value: Any) -> list[int]:
+    """`GetDenseTensorShape`: the sizes along the first element of each level."""
+    shape = []
+    while isinstance(value, list):
+        shape.append(len(value))
+        value = value[0] if value else None
+    return shape
+
+
+def _fill(value: Any, shape: list[int], dtype: int, out: list, level: int = 0) -> None:
+    """`FillTensorProto`: leaves at the rank's level only, every list of its level's size.
+    Iterative over levels of one list at a time (Python's recursion stops at ~1000 levels,
+    and `_shape` bounds the depth by the first element's)."""
+    stack = [(value, level)]
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, list):
+            if depth != len(shape):
+                raise JsonTensorError(
+                    f"JSON Value: {_debug(item)} found at incorrect level: {depth + 1} in the "
+                    f"JSON DOM. Expected at level: {len(shape)}")
+            out.append(_scalar(item, dtype))
+            continue
+        if depth >= len(shape):
+            raise JsonTensorError(
+                f"Encountered list at unexpected level: {depth} expected < {len(shape)}")
+        if len(item) != shape[depth]:
+            raise JsonTensorError(
+                f"Encountered list at unexpected size: {len(item)} at level: {depth} expected "
+                f"size: {shape[depth]}")
+        stack.extend((child, depth + 1) for child in reversed(item))
+
+
+def _tensor(value: Any, dtype: int) -> tuple[list[int], list]:
+    shape = _shape(value)
+    values: list = []
+    _fill(value, shape, dtype, values)
+    return shape, values
+
+
+def _proto(shape: list[int], values: list, dtype: int) -> tensor_pb2.TensorProto:
+    array = np.empty(len(values), dtype=_NUMPY[dtype])
+    array[:] = values
+    return to_tensor_proto(array.reshape(shape))
+
+
+def request_tensors(body: Any, inputs: Mapping[str, int]) -> tuple[dict, str]:
+    """A predict request's JSON body -> ({input: TensorProto}, ROW or COLUMNAR).
+
+    `inputs`: the signature's input names -> dtype enums. Follows
+    `FillPredictRequestFromJson` (body checks) and the instances / inputs fillers.
+    """
+    if not isinstance(body, dict):
+        raise JsonTensorError(f"JSON Value: {_debug(body)} Is not object")
+    if not inputs:
+        raise JsonTensorError("Failed to get input map for signature")
+    if "instances" in body and "inputs" in body:
+        raise JsonTensorError(f"JSON Value: {_debug(body)} Not formatted correctly expecting "
+                              "only one of 'inputs' or 'instances' keys to exist ")
+    if "instances" in body:
+        rows = body["instances"]
+        if not isinstance(rows, list):
+            raise JsonTensorError(
+                f"JSON Value: {_debug(body)} Expecting 'instances' to be an list/array")
+        if not rows:
+            raise JsonTensorError(f"JSON Value: {_debug(body)} No values in 'instances' array")
+        return _from_instances(rows, inputs), ROW
+    if "inputs" in body:
+        return _from_inputs(body["inputs"], inputs), COLUMNAR
+    raise JsonTensorError("Missing 'inputs' or 'instances' key")
+
+
+def _from_instances(rows: list, inputs: Mapping[str, int]) -> dict:
+    """`FillTensorMapFromInstancesList`."""
+    objects = isinstance(rows[0], dict) and not _is_b64(rows[0])
+    if not objects and len(inputs) > 1:
+        raise JsonTensorError("instances is a plain list, but expecting list of objects as "
+                              "multiple input tensors required as per tensorinfo_map")
+    names = sorted(inputs)
+    values: dict[str, list] = {name: [] for name in names}
+    shapes: dict[str, list[int]] = {}
+    for index, row in enumerate(rows):
+        is_object = isinstance(row, dict) and not _is_b64(row)
+        if objects != is_object:
+            raise JsonTensorError(
+                f"Expecting {'object but got list' if objects else 'value/list but got object'}"
+                f" at item {index} of input list")
+        items = row if objects else {names[0]: row}
+        for name, item in items.items():
+            if name not in inputs:
+                raise JsonTensorError(f"Failed to process element: {index} key: {name} of "
+                                      f"'instances' list. Error: JSON object: does not have "
+                                      f"named input: {name}")
+            try:
+                shape, leaves = _tensor(item, inputs[name])
+            except JsonTensorError as error:
+                raise JsonTensorError(f"Failed to process element: {index} key: {name} of "
+                                      f"'instances' list. Error: {error}") from None
+            if name in shapes and shapes[name] != shape:
+                raise JsonTensorError(f"Failed to process element: {index} key: {name} of "
+                                      f"'instances' list. Error: Expecting shape "
+                                      f"{shapes[name]} but got: {shape}")
+            shapes[name] = shape
+            values[name].extend(leaves)
+        if set(items) != set(names):
+            raise JsonTensorError(f"Failed to process element: {index} of 'instances' list. "
+                                  f"JSON object: {_debug(row)} keys must be equal to: "
+                                  f"{','.join(names)}")
+    return {name: _proto([len(rows), *shapes[name]], values[name], inputs[name])
+            for name in names}
+
+
+def _from_inputs(value: Any, inputs: Mapping[str, int]) -> dict:
+    """`FillTensorMapFromInputsMap`."""
+    if not isinstance(value, dict) or _is_b64(value):
+        if len(inputs) > 1:
+            raise JsonTensorError("inputs is a plain value/list, but expecting an object as "
+                                  "multiple input tensors required as per tensorinfo_map")
+        name = next(iter(inputs))
+        return {name: _proto(*_tensor(value, inputs[name]), inputs[name])}
+    tensors = {}
+    for name in sorted(inputs):
+        if name not in value:
+            raise JsonTensorError(f"Missing named input: {name} in 'inputs' object.")
+        tensors[name] = _proto(*_tensor(value[name], inputs[name]), inputs[name])
+    return tensors
+
+
+def _json_values(array: np.ndarray, as_bytes: bool) -> Any:
+    if array.dtype != object:
+        return array.tolist()
+    if as_bytes:
+        return np.vectorize(lambda b: {"b64": base64.b64encode(b).decode()},
+                            otypes=[object])(array).tolist() if array.size else array.tolist()
+    return np.vectorize(lambda b: b.decode("utf-8", "replace"),
+                        otypes=[object])(array).tolist() if array.size else array.tolist()
+
+
+def response_json(outputs: Mapping[str, tensor_pb2.TensorProto], form: str) -> dict:
+    """`MakeJsonFromTensors`: outputs in row or columnar form; an output whose name ends in
+    `_bytes` is written as base64 objects (`IsNamedTensorBytes`)."""
+    if not outputs:
+        raise JsonTensorError("Cannot convert empty tensor map to JSON")
+    arrays = {name: to_ndarray(outputs[name]) for name in sorted(outputs)}
+    as_bytes = {name: name.endswith("_bytes") for name in arrays}
+    if form == COLUMNAR:
+        values = {name: _json_values(a, as_bytes[name]) for name, a in arrays.items()}
+        return {"outputs": values if len(values) > 1 else next(iter(values.values()))}
+    batch = {a.shape[0] if a.ndim else -1 for a in arrays.values()}
+    if len(batch) != 1 or -1 in batch:
+        raise JsonTensorError("Tensor outputs have no common batch size")
+    rows = []
+    for index in range(batch.pop()):
+        row = {name: _json_values(a[index], as_bytes[name]) for name, a in arrays.items()}
+        rows.append(row if len(row) > 1 else next(iter(row.values())))
+    return {"predictions": rows}
