@@ -31,6 +31,14 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rest-api-port", type=int, default=None,
         help="also serve the REST API on this port (0: any free port; default: no REST)")
+    parser.add_argument(
+        "--rest-api-num-threads", type=int, default=0,
+        help="REST connections handled at once; more wait in the listen backlog (TF "
+        "Serving's --rest_api_num_threads; default 0: 4 per CPU)")
+    parser.add_argument(
+        "--rest-api-timeout-in-ms", type=int, default=30000,
+        help="how long a REST connection may take to send its request, TLS handshake "
+        "included (TF Serving's --rest_api_timeout_in_ms; default 30000)")
     parser.add_argument("--poll-interval-s", type=float, default=2.0, help="version scan period")
     parser.add_argument(
         "--max-batch-size", type=int, default=1024, help="largest batch one request may carry")
@@ -63,6 +71,8 @@ def server_kwargs(args: argparse.Namespace) -> dict:
         enable_batching=args.enable_batching, batch_size=args.batch_size,
         batch_timeout_s=args.batch_timeout_ms / 1000, ssl_cert=args.ssl_cert,
         ssl_key=args.ssl_key, max_workers=args.max_workers,
+        rest_api_num_threads=args.rest_api_num_threads,
+        rest_api_timeout_s=args.rest_api_timeout_in_ms / 1000,
     )
 
 

@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import urllib.parse
@@ -239,6 +240,48 @@ def _proto_json(message) -> dict:
                                      always_print_fields_with_no_presence=True)
 
 
+class _BoundedServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer that survives bursts and slow or idle clients.
+
+    - listen backlog 1024 (socketserver's 5 reset bursts of 64 connections);
+    - at most `max_threads` connections handled at once: the accept loop waits for a free
+      slot, so new connections queue in the backlog instead of each taking a thread;
+    - every connection gets `timeout_s` to send its request (a stalled client frees its slot);
+    - with TLS, the handshake runs in the connection's thread under the same timeout, never in
+      the accept loop, so one idle TCP connection cannot hold up every HTTPS client.
+    """
+
+    request_queue_size = 1024
+    daemon_threads = False
+    block_on_close = True  # server_close() joins the handler threads
+
+    def __init__(self, address, handler, ssl_context, max_threads: int, timeout_s: float):
+        super().__init__(address, handler)
+        self.ssl_context, self.timeout_s = ssl_context, timeout_s
+        self._slots = threading.BoundedSemaphore(max_threads)
+
+    def process_request(self, request, client_address):
+        self._slots.acquire()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            request.settimeout(self.timeout_s)
+            if self.ssl_context is not None:
+                try:
+                    request = self.ssl_context.wrap_socket(request, server_side=True)
+                except (OSError, ValueError):  # handshake failed or timed out
+                    self.shutdown_request(request)
+                    return
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class RestServer:
     """Serves TF Serving's REST API for `model_server` on host:port (0 picks a free port).
 
@@ -247,13 +290,10 @@ class RestServer:
     """
 
     def __init__(self, model_server, host: str = "127.0.0.1", port: int = 8501,
-                 ssl_context=None):
+                 ssl_context=None, num_threads: int = 0, timeout_s: float = 30.0):
         handler = type("Handler", (_Handler,), {"model_server": model_server})
-        self._httpd = ThreadingHTTPServer((host, port), handler)
-        self._httpd.daemon_threads = False
-        self._httpd.block_on_close = True  # server_close() joins the handler threads
-        if ssl_context is not None:
-            self._httpd.socket = ssl_context.wrap_socket(self._httpd.socket, server_side=True)
+        threads = num_threads or 4 * (os.cpu_count() or 1)  # TF Serving's --rest_api_num_threads
+        self._httpd = _BoundedServer((host, port), handler, ssl_context, threads, timeout_s)
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="rest-api", daemon=True)

@@ -85,6 +85,8 @@ class ModelServer:
       enable_batching: merge concurrent requests to one signature into one call of up to
         `batch_size` rows, waiting at most `batch_timeout_s` for company.
       ssl_cert, ssl_key: PEM files; when given, gRPC and REST speak TLS only.
+      rest_api_num_threads, rest_api_timeout_s: REST connections handled at once (0: 4 per
+        CPU) and how long each may take to send its request (`rest._BoundedServer`).
 
     Example:
       server = ModelServer("W/export", port=0)
@@ -101,6 +103,7 @@ class ModelServer:
         rest_api_port: int | None = None, model_config_file: str | None = None,
         enable_batching: bool = False, batch_size: int = 32, batch_timeout_s: float = 0.002,
         ssl_cert: str | None = None, ssl_key: str | None = None,
+        rest_api_num_threads: int = 0, rest_api_timeout_s: float = 30.0,
     ):
         if (model_base_path is None) == (model_config_file is None):
             raise ValueError("give exactly one of --model-base-path and --model-config-file")
@@ -128,6 +131,7 @@ class ModelServer:
         self._server: grpc.Server | None = None
         self._health = health.HealthServicer()
         self.rest_port = rest_api_port
+        self._rest_threads, self._rest_timeout_s = rest_api_num_threads, rest_api_timeout_s
         self._rest: RestServer | None = None
         self._stop_signals = StopSignals()
 
@@ -261,7 +265,8 @@ class ModelServer:
 
     def _start_rest(self) -> None:
         context = rest_ssl_context(self.ssl_cert, self.ssl_key)
-        self._rest = RestServer(self, self.host, self.rest_port, context)
+        self._rest = RestServer(self, self.host, self.rest_port, context,
+                                num_threads=self._rest_threads, timeout_s=self._rest_timeout_s)
         self.rest_port = self._rest.start()
         log.info("REST on %s:%d", self.host, self.rest_port)
 
