@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
@@ -395,3 +396,20 @@ def test_process_serves_then_exits_cleanly_on_sigterm(model_base_path):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_a_small_request_cannot_claim_a_huge_decoded_tensor(predict_stub):
+    """One string value stands for a whole [1024, 16384] tensor in a ~150-byte message: refused
+    from its shape, before anything is decoded (it would take ~1.2 GB)."""
+    request = predict_request({"region": ["north"] * 1024, "age": [1.0] * 1024},
+                              signature="recommend")
+    history = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, string_val=[b"i1"])
+    history.tensor_shape.dim.add(size=1024)
+    history.tensor_shape.dim.add(size=16384)
+    request.inputs["item_ids"].CopyFrom(history)
+    started = time.time()
+    with pytest.raises(grpc.RpcError) as raised:
+        predict_stub.Predict(request, timeout=10)
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "decodes to" in raised.value.details()
+    assert time.time() - started < 2
