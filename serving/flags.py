@@ -39,6 +39,11 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "--rest-api-timeout-in-ms", type=int, default=30000,
         help="how long a REST connection may take to send its request, TLS handshake "
         "included (TF Serving's --rest_api_timeout_in_ms; default 30000)")
+    parser.add_argument(
+        "--monitoring-config-file",
+        help="TF Serving MonitoringConfig text file; prometheus_config { enable: true } serves "
+        "TF Serving's metrics on the REST port at its path (default "
+        "/monitoring/prometheus/metrics)")
     parser.add_argument("--poll-interval-s", type=float, default=2.0, help="version scan period")
     parser.add_argument(
         "--max-batch-size", type=int, default=1024, help="largest batch one request may carry")
@@ -73,6 +78,7 @@ def server_kwargs(args: argparse.Namespace) -> dict:
         ssl_key=args.ssl_key, max_workers=args.max_workers,
         rest_api_num_threads=args.rest_api_num_threads,
         rest_api_timeout_s=args.rest_api_timeout_in_ms / 1000,
+        monitoring_config_file=args.monitoring_config_file,
     )
 
 

@@ -12,6 +12,7 @@ on `serving/server.py` (which builds the gRPC server through `grpc_server` below
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from concurrent import futures
 from typing import Any
@@ -20,6 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
+from serving import metrics as M
 from serving.servable import RpcError, first_line
 
 log = logging.getLogger(__name__)
@@ -30,8 +32,10 @@ SERVICE_NAMES = ("tensorflow.serving.PredictionService", "tensorflow.serving.Mod
 Answer = Callable[[Any], Any]  # request proto -> response proto; raises RpcError for a refusal
 
 
-def answer_rpc(context: grpc.ServicerContext, call: Answer, request):
-    """Runs `call(request)`, turning every refusal into a gRPC status (never a crash)."""
+def answer_rpc(context: grpc.ServicerContext, call: Answer, request,
+               refused: Callable[[grpc.StatusCode], None] | None = None):
+    """Runs `call(request)`, turning every refusal into a gRPC status (never a crash);
+    `refused(code)` is told the status first (the request count)."""
     try:
         return call(request)
     except RpcError as error:
@@ -39,6 +43,8 @@ def answer_rpc(context: grpc.ServicerContext, call: Answer, request):
     except Exception as error:  # noqa: BLE001  (a bug here is the server's, say so)
         log.exception("internal error")
         code, message = grpc.StatusCode.INTERNAL, first_line(str(error))
+    if refused is not None:
+        refused(code)
     context.abort(code, message)
 
 
@@ -54,7 +60,14 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         self._metadata = metadata
 
     def Predict(self, request, context):  # noqa: N802  (gRPC method names)
-        return answer_rpc(context, self._predict, request)
+        # prediction_service_impl.cc: the latency of successful calls, a count of every call
+        started = time.perf_counter()
+        name = request.model_spec.name
+        response = answer_rpc(context, self._predict, request,
+                              refused=lambda code: M.REQUEST_COUNT.increment(name, code.name))
+        M.REQUEST_LATENCY.add((time.perf_counter() - started) * 1e6, name, "Predict", "GRPC")
+        M.REQUEST_COUNT.increment(name, "OK")
+        return response
 
     def GetModelMetadata(self, request, context):  # noqa: N802
         return answer_rpc(context, self._metadata, request)

@@ -26,6 +26,7 @@ import json
 import os
 import re
 import threading
+import time
 import urllib.parse
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -38,6 +39,7 @@ from tensorflow_serving.apis import (
     predict_pb2,
 )
 
+from serving import metrics as M
 from serving.json_tensors import JsonTensorError, request_tensors, response_json
 from serving.servable import DEFAULT_SIGNATURE, RpcError, invalid
 
@@ -67,6 +69,7 @@ _HTTP_STATUS = {
 
 class _Handler(BaseHTTPRequestHandler):
     model_server = None  # set on the subclass made by RestServer
+    metrics_path = None  # the Prometheus page's path, when monitoring is on
 
     def log_message(self, format, *args):  # noqa: A002  (quiet: the gRPC server logs)
         pass
@@ -91,15 +94,34 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self) -> None:
         method, path = self.command, urllib.parse.urlsplit(self.path).path
+        if self.metrics_path and method == "GET" and path == self.metrics_path:
+            return self._metrics_page()
+        started, self._model_name, self._api = time.perf_counter(), "", ""
+        code = grpc.StatusCode.OK
         try:
             if not _API_PATH.fullmatch(path):
                 raise RpcError(grpc.StatusCode.NOT_FOUND, f"Not found: {method} {path}")
             body = self._route(method, path)
             self._reply(200, body)
         except RpcError as error:
+            code = error.code
             self._reply(_HTTP_STATUS.get(error.code, 500), {"error": error.message})
         except Exception as error:  # noqa: BLE001  (answer, never drop the connection)
+            code = grpc.StatusCode.INTERNAL
             self._reply(500, {"error": str(error).splitlines()[0] if str(error) else "error"})
+        # http_server.cc: the latency of successful REST calls, a count of every call
+        if code == grpc.StatusCode.OK:
+            M.REQUEST_LATENCY.add((time.perf_counter() - started) * 1e6, self._model_name,
+                                  self._api, "REST")
+        M.REQUEST_COUNT.increment(self._model_name, code.name)
+
+    def _metrics_page(self) -> None:
+        data = M.prometheus_page().encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def _route(self, method: str, path: str) -> dict:
         """`HttpRestApiHandler::ProcessRequest`: POST predict paths and GET status/metadata
@@ -111,6 +133,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._drain()
             raise malformed
         spec = {"name": urllib.parse.unquote(match["name"] or "")}
+        self._model_name = spec["name"]
+        self._api = (match["method"] or "").lower() if method == "POST" else ""
         if match["version"]:
             spec["version"] = match["version"]
         if match["label"]:
@@ -290,8 +314,10 @@ class RestServer:
     """
 
     def __init__(self, model_server, host: str = "127.0.0.1", port: int = 8501,
-                 ssl_context=None, num_threads: int = 0, timeout_s: float = 30.0):
-        handler = type("Handler", (_Handler,), {"model_server": model_server})
+                 ssl_context=None, num_threads: int = 0, timeout_s: float = 30.0,
+                 metrics_path: str | None = None):
+        handler = type("Handler", (_Handler,), {"model_server": model_server,
+                                                "metrics_path": metrics_path})
         threads = num_threads or 4 * (os.cpu_count() or 1)  # TF Serving's --rest_api_num_threads
         self._httpd = _BoundedServer((host, port), handler, ssl_context, threads, timeout_s)
         self.port = self._httpd.server_address[1]

@@ -40,6 +40,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from typing import NoReturn
 
 import grpc
@@ -47,6 +48,7 @@ import tensorflow as tf
 from grpc_health.v1 import health, health_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, predict_pb2
 
+from serving import metrics as M
 from serving.batching import Batcher
 from serving.flags import MIB, add_server_arguments, server_kwargs
 from serving.grpc_services import SERVICE_NAMES, grpc_server
@@ -87,6 +89,8 @@ class ModelServer:
       ssl_cert, ssl_key: PEM files; when given, gRPC and REST speak TLS only.
       rest_api_num_threads, rest_api_timeout_s: REST connections handled at once (0: 4 per
         CPU) and how long each may take to send its request (`rest._BoundedServer`).
+      monitoring_config_file: TF Serving's MonitoringConfig text proto; with
+        `prometheus_config { enable: true }` the REST port serves `serving.metrics`' page.
 
     Example:
       server = ModelServer("W/export", port=0)
@@ -104,6 +108,7 @@ class ModelServer:
         enable_batching: bool = False, batch_size: int = 32, batch_timeout_s: float = 0.002,
         ssl_cert: str | None = None, ssl_key: str | None = None,
         rest_api_num_threads: int = 0, rest_api_timeout_s: float = 30.0,
+        monitoring_config_file: str | None = None,
     ):
         if (model_base_path is None) == (model_config_file is None):
             raise ValueError("give exactly one of --model-base-path and --model-config-file")
@@ -132,6 +137,11 @@ class ModelServer:
         self._health = health.HealthServicer()
         self.rest_port = rest_api_port
         self._rest_threads, self._rest_timeout_s = rest_api_num_threads, rest_api_timeout_s
+        self.metrics_path = (M.read_monitoring_config(monitoring_config_file)
+                             if monitoring_config_file else None)
+        if self.metrics_path and rest_api_port is None:
+            raise ValueError(f"{monitoring_config_file}: Prometheus metrics are served on the "
+                             "REST port; add --rest-api-port")
         self._rest: RestServer | None = None
         self._stop_signals = StopSignals()
 
@@ -177,10 +187,14 @@ class ModelServer:
             raise invalid("Missing ModelSpec")
         servable = self.resolve(request.model_spec)
         signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
+        started = time.perf_counter()
         outputs = run_signature(
             servable, signature_name, request.inputs, request.output_filter,
             self.max_batch_size, self.max_elements, self.batcher,
         )
+        # predict_util.cc records the runtime's wall time as runtime "TF1" (a SavedModel session)
+        M.RUNTIME_LATENCY.add((time.perf_counter() - started) * 1e6, request.model_spec.name,
+                              "Predict", "TF1")
         response = predict_pb2.PredictResponse()
         response.model_spec.name = request.model_spec.name
         response.model_spec.version.value = servable.version
@@ -266,7 +280,8 @@ class ModelServer:
     def _start_rest(self) -> None:
         context = rest_ssl_context(self.ssl_cert, self.ssl_key)
         self._rest = RestServer(self, self.host, self.rest_port, context,
-                                num_threads=self._rest_threads, timeout_s=self._rest_timeout_s)
+                                num_threads=self._rest_threads, timeout_s=self._rest_timeout_s,
+                                metrics_path=self.metrics_path)
         self.rest_port = self._rest.start()
         log.info("REST on %s:%d", self.host, self.rest_port)
 

@@ -23,12 +23,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 
 import grpc
 import tensorflow as tf
 from tensorflow_serving.apis import get_model_status_pb2
 
+from serving import metrics as M
 from serving.servable import RpcError, Servable, first_line, invalid, load_servable, warm_up
 
 log = logging.getLogger(__name__)
@@ -112,6 +114,7 @@ class ModelVersions:
                 self._states[version] = (State.UNLOADING, 0, "")
                 self._loaded = {v: s for v, s in self._loaded.items() if v != version}
                 self._states[version] = (State.END, 0, "")  # in-flight requests hold theirs
+                M.UNLOADS.increment(self.name)
                 log.info("unloaded %s version %d", self.name, version)
 
     def _load(self, version: int, path: str) -> None:
@@ -119,15 +122,27 @@ class ModelVersions:
         if stamp in self._failed:
             return
         self._states[version] = (State.LOADING, 0, "")
+        started = time.perf_counter()
         try:
             servable = load_servable(path, version)
+        except Exception as error:  # noqa: BLE001  (a bad export must not stop the server)
+            M.LOAD_ATTEMPTS.increment(path, "fail")
+            self._load_failed(stamp, grpc.StatusCode.UNKNOWN.value[0], first_line(str(error)))
+            return
+        M.LOAD_ATTEMPTS.increment(path, "success")
+        M.LOAD_LATENCY.increment(path, by=int((time.perf_counter() - started) * 1e6))
+        started = time.perf_counter()
+        try:
             warmed = warm_up(servable, self.max_batch_size, self.max_elements)
         except RpcError as error:
+            M.WARMUP_LATENCY.add((time.perf_counter() - started) * 1e6, path, error.code.name)
             self._load_failed(stamp, error.code.value[0], f"warmup failed: {error.message}")
             return
         except Exception as error:  # noqa: BLE001  (a bad export must not stop the server)
+            M.WARMUP_LATENCY.add((time.perf_counter() - started) * 1e6, path, "UNKNOWN")
             self._load_failed(stamp, grpc.StatusCode.UNKNOWN.value[0], first_line(str(error)))
             return
+        M.WARMUP_LATENCY.add((time.perf_counter() - started) * 1e6, path, "OK")
         self._loaded = {**self._loaded, version: servable}  # one assignment: atomic switch
         self._states[version] = (State.AVAILABLE, 0, "")
         log.info("serving %s version %d (%d warmup requests)", self.name, version, warmed)
