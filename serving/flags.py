@@ -44,6 +44,14 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         help="TF Serving MonitoringConfig text file; prometheus_config { enable: true } serves "
         "TF Serving's metrics on the REST port at its path (default "
         "/monitoring/prometheus/metrics)")
+    parser.add_argument(
+        "--max-num-load-retries", type=int, default=5,
+        help="times a version that failed to load is tried again (TF Serving's "
+        "--max_num_load_retries; default 5)")
+    parser.add_argument(
+        "--load-retry-interval-micros", type=int, default=60_000_000,
+        help="wait between those tries (TF Serving's --load_retry_interval_micros; default "
+        "one minute)")
     parser.add_argument("--poll-interval-s", type=float, default=2.0, help="version scan period")
     parser.add_argument(
         "--max-batch-size", type=int, default=1024, help="largest batch one request may carry")
@@ -79,6 +87,8 @@ def server_kwargs(args: argparse.Namespace) -> dict:
         rest_api_num_threads=args.rest_api_num_threads,
         rest_api_timeout_s=args.rest_api_timeout_in_ms / 1000,
         monitoring_config_file=args.monitoring_config_file,
+        max_num_load_retries=args.max_num_load_retries,
+        load_retry_interval_s=args.load_retry_interval_micros / 1e6,
     )
 
 

@@ -89,6 +89,8 @@ class ModelServer:
       ssl_cert, ssl_key: PEM files; when given, gRPC and REST speak TLS only.
       rest_api_num_threads, rest_api_timeout_s: REST connections handled at once (0: 4 per
         CPU) and how long each may take to send its request (`rest._BoundedServer`).
+      max_num_load_retries, load_retry_interval_s: a version that fails to load is tried
+        again this many times, this far apart (`versions.ModelVersions`).
       monitoring_config_file: TF Serving's MonitoringConfig text proto; with
         `prometheus_config { enable: true }` the REST port serves `serving.metrics`' page.
 
@@ -109,6 +111,7 @@ class ModelServer:
         ssl_cert: str | None = None, ssl_key: str | None = None,
         rest_api_num_threads: int = 0, rest_api_timeout_s: float = 30.0,
         monitoring_config_file: str | None = None,
+        max_num_load_retries: int = 5, load_retry_interval_s: float = 60.0,
     ):
         if (model_base_path is None) == (model_config_file is None):
             raise ValueError("give exactly one of --model-base-path and --model-config-file")
@@ -120,7 +123,8 @@ class ModelServer:
             configs = [ModelConfig(model_name, model_base_path,
                                    version_labels=dict(version_labels or {}))]
         self.models = {
-            c.name: ModelVersions(c, max_batch_size, max_message_bytes) for c in configs}
+            c.name: ModelVersions(c, max_batch_size, max_message_bytes, max_num_load_retries,
+                                  load_retry_interval_s) for c in configs}
         self.model_name = configs[0].name
         self.model_base_path = configs[0].base_path
         self.host, self.port = host, port

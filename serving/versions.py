@@ -13,9 +13,12 @@ A poll loads every wanted version that is not loaded yet (newest first; warmup r
 replayed before it is served), then unloads the loaded versions that are no longer wanted.
 A new version is published by replacing the version map in one assignment, so a request
 either sees the old map or the new one; requests already running keep their servable.
-A version that fails to load is reported as END with its error and is not retried until its
-folder changes; if no wanted version could be loaded, the newest loaded one keeps serving
-(TF Serving's availability-preserving policy).
+A version that fails to load (a folder still being copied, say) is retried on later polls,
+`max_num_load_retries` times at least `load_retry_interval_s` apart (TF Serving's
+`--max_num_load_retries`, default 5, and `--load_retry_interval_micros`, default one minute),
+then reported as END with its error until its folder changes. If no wanted version could be
+loaded, the newest loaded one still on disk keeps serving (TF Serving's
+availability-preserving policy); a loaded version whose folder disappeared is unloaded.
 """
 
 from __future__ import annotations
@@ -66,14 +69,19 @@ class ModelVersions:
       max_batch_size, max_elements: the request caps, also applied to warmup requests.
     """
 
-    def __init__(self, config: ModelConfig, max_batch_size: int, max_elements: int):
+    def __init__(self, config: ModelConfig, max_batch_size: int, max_elements: int,
+                 max_num_load_retries: int = 5, load_retry_interval_s: float = 60.0):
         self.config = config
         self.name = config.name
         self.max_batch_size = max_batch_size
         self.max_elements = max_elements
+        self.max_num_load_retries = max_num_load_retries
+        self.load_retry_interval_s = load_retry_interval_s
         self._loaded: dict[int, Servable] = {}  # replaced, never mutated, by poll()
         self._states: dict[int, tuple[int, int, str]] = {}  # version -> (state, code, message)
-        self._failed: set[tuple[int, int]] = set()  # (version, mtime_nsec) that failed to load
+        # (version, mtime_nsec) that failed to load -> (failed attempts, monotonic time of the
+        # last one); given up when attempts > max_num_load_retries
+        self._failed: dict[tuple[int, int], tuple[int, float]] = {}
         self._poll_lock = threading.Lock()  # one poll at a time (poller thread, start())
 
     @property
@@ -108,8 +116,9 @@ class ModelVersions:
                 if version not in self._loaded:
                     self._load(version, on_disk[version])
             keep = set(wanted) & set(self._loaded)
-            if not keep and self._loaded:  # nothing wanted loaded: keep serving the newest
-                keep = {max(self._loaded)}
+            still_there = set(self._loaded) & set(on_disk)
+            if not keep and still_there:  # nothing wanted loaded: keep serving the newest
+                keep = {max(still_there)}
             for version in sorted(set(self._loaded) - keep):
                 self._states[version] = (State.UNLOADING, 0, "")
                 self._loaded = {v: s for v, s in self._loaded.items() if v != version}
@@ -120,7 +129,13 @@ class ModelVersions:
     def _load(self, version: int, path: str) -> None:
         stamp = (version, tf.io.gfile.stat(path).mtime_nsec)
         if stamp in self._failed:
-            return
+            attempts, last = self._failed[stamp]
+            if attempts > self.max_num_load_retries:
+                return  # given up until the folder changes
+            if time.monotonic() - last < self.load_retry_interval_s:
+                return
+            log.info("retrying %s version %d (retry %d of %d)", self.name, version, attempts,
+                     self.max_num_load_retries)
         self._states[version] = (State.LOADING, 0, "")
         started = time.perf_counter()
         try:
@@ -148,7 +163,13 @@ class ModelVersions:
         log.info("serving %s version %d (%d warmup requests)", self.name, version, warmed)
 
     def _load_failed(self, stamp: tuple[int, int], code: int, message: str) -> None:
-        self._failed.add(stamp)
+        attempts = self._failed.get(stamp, (0, 0.0))[0] + 1
+        self._failed[stamp] = (attempts, time.monotonic())
+        if attempts <= self.max_num_load_retries:  # TF Serving keeps it LOADING while retrying
+            self._states[stamp[0]] = (State.LOADING, 0, "")
+            log.warning("loading %s version %d failed (%s); retrying in %.3g s", self.name,
+                        stamp[0], message, self.load_retry_interval_s)
+            return
         self._states[stamp[0]] = (State.END, code, message)
         log.error("loading %s version %d failed: %s", self.name, stamp[0], message)
 

@@ -309,7 +309,8 @@ def wait_for(condition, timeout_s: float = 20.0):
 def test_new_versions_are_picked_up_and_broken_ones_reported(tmp_path, model_base_path):
     base = str(tmp_path / "base")
     shutil.copytree(model_base_path, base)
-    server = ModelServer(base, port=0, poll_interval_s=0.1)
+    # no load retries: a broken version ends at once (retries: test_lifecycle_retries.py)
+    server = ModelServer(base, port=0, poll_interval_s=0.1, max_num_load_retries=0)
     port = server.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
