@@ -11,7 +11,9 @@ until the batch holds `max_batch_size` rows or `timeout_s` has passed, then conc
 inputs (each [n_i, ...] -> [sum n_i, ...]), calls the signature once and hands every member its
 rows of each output ([sum n_i, ...] -> [n_i, ...]). A batch key is (servable, signature,
 every input's dtype and shape without dimension 0), so only requests that concatenate are
-merged; a request with `max_batch_size` rows or more, or an empty one, runs alone.
+merged; an empty request runs alone, and one with more than `max_batch_size` rows is split
+into pieces of at most `max_batch_size` rows that are batched like any other request and
+joined again (TF Serving's `enable_large_batch_splitting`; off: it runs alone, unsplit).
 `flush()` (on shutdown) ends every wait at once, so draining does not wait for timeouts.
 """
 
@@ -41,19 +43,22 @@ class Batcher:
     Args:
       max_batch_size: most rows one merged call carries.
       timeout_s: how long the first request of a batch waits for others.
+      split_large_batches: a request of more rows is split into pieces of that size.
 
     Example:
       batcher = Batcher(max_batch_size=32, timeout_s=0.002)
       outputs = batcher.run(key, lambda arrays: model(**arrays), {"x": x})  # x: [n, d]
     """
 
-    def __init__(self, max_batch_size: int = 32, timeout_s: float = 0.002):
+    def __init__(self, max_batch_size: int = 32, timeout_s: float = 0.002,
+                 split_large_batches: bool = True):
         if max_batch_size < 1 or timeout_s < 0:
             raise ValueError(
                 f"batching needs max_batch_size >= 1 and timeout >= 0, got {max_batch_size}, "
                 f"{timeout_s}")
         self.max_batch_size = max_batch_size
         self.timeout_s = timeout_s
+        self.split_large_batches = split_large_batches
         self._lock = threading.Lock()
         self._open: dict[tuple, _Batch] = {}
         self._flushing = threading.Event()
@@ -68,6 +73,12 @@ class Batcher:
           inputs: this request's [n, ...] arrays (every array has n rows).
         """
         rows = len(next(iter(inputs.values()))) if inputs else 0
+        if rows > self.max_batch_size and self.split_large_batches:
+            pieces = [self.run(key, call, {name: value[start:start + self.max_batch_size]
+                                           for name, value in inputs.items()})
+                      for start in range(0, rows, self.max_batch_size)]
+            return {name: np.concatenate([piece[name] for piece in pieces])
+                    for name in pieces[0]}
         if rows == 0 or rows >= self.max_batch_size or self._flushing.is_set():
             return call(inputs)
         with self._lock:
@@ -124,3 +135,65 @@ class Batcher:
         with self._lock:
             for key, batch in list(self._open.items()):
                 self._close(key, batch)
+
+
+# ---- --batching-parameters-file ------------------------------------------------------------
+
+def _batching_parameters_class():
+    """tensorflow.serving.BatchingParameters (servables/tensorflow/session_bundle_config.proto),
+    which tensorflow-serving-api does not ship compiled: built from its fields, so a text file
+    written for tensorflow_model_server parses here, strictly (an unknown field is an error)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, wrappers_pb2
+
+    proto = descriptor_pb2.FileDescriptorProto(
+        name="recsys_cvae/batching_parameters.proto", package="tensorflow.serving",
+        syntax="proto3", dependency=["google/protobuf/wrappers.proto"])
+    message = proto.message_type.add(name="BatchingParameters")
+    wrapped = {"max_batch_size": (1, "Int64Value"), "batch_timeout_micros": (2, "Int64Value"),
+               "max_enqueued_batches": (3, "Int64Value"), "num_batch_threads": (4, "Int64Value"),
+               "thread_pool_name": (5, "StringValue"),
+               "enable_large_batch_splitting": (8, "BoolValue"),
+               "max_execution_batch_size": (9, "Int64Value")}
+    for name, (number, kind) in wrapped.items():
+        message.field.add(name=name, number=number, type=11, label=1,
+                          type_name=f".google.protobuf.{kind}")
+    message.field.add(name="allowed_batch_sizes", number=6, type=3, label=3)
+    message.field.add(name="pad_variable_length_inputs", number=7, type=8, label=1)
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
+    pool.Add(proto)
+    return message_factory.GetMessageClass(
+        pool.FindMessageTypeByName("tensorflow.serving.BatchingParameters"))
+
+
+def read_batching_parameters(path: str) -> dict:
+    """{"max_batch_size", "timeout_s", "split_large_batches"} for `Batcher` from TF Serving's
+    BatchingParameters text file. `max_execution_batch_size` (when set) is the size pieces and
+    merged calls carry, as there; thread and queue settings have no counterpart here (requests
+    run on the RPC threads) and are accepted as written.
+
+    Raises:
+      ValueError: the file is unreadable or not a BatchingParameters text proto.
+    """
+    from google.protobuf import text_format
+
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as error:
+        raise ValueError(
+            f"{path}: cannot read the batching parameters ({error.strerror})") from None
+    parameters = _batching_parameters_class()()
+    try:
+        text_format.Parse(text, parameters)
+    except text_format.ParseError as error:
+        raise ValueError(f"{path}: not a BatchingParameters text proto ({error})") from None
+    size = parameters.max_batch_size.value if parameters.HasField("max_batch_size") else 1000
+    if parameters.HasField("max_execution_batch_size"):
+        size = parameters.max_execution_batch_size.value
+    timeout_us = (parameters.batch_timeout_micros.value
+                  if parameters.HasField("batch_timeout_micros") else 0)
+    split = (parameters.enable_large_batch_splitting.value  # unset: off, as the scheduler's
+             if parameters.HasField("enable_large_batch_splitting") else False)
+    return {"max_batch_size": int(size), "timeout_s": timeout_us / 1e6,
+            "split_large_batches": bool(split)}

@@ -68,6 +68,11 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-timeout-ms", type=float, default=2.0,
         help="how long a request waits for others to batch with (with batching)")
+    parser.add_argument(
+        "--batching-parameters-file",
+        help="TF Serving BatchingParameters text file (max_batch_size, batch_timeout_micros, "
+        "enable_large_batch_splitting, ...) instead of --batch-size/--batch-timeout-ms "
+        "(with --enable-batching)")
     parser.add_argument("--ssl-cert", help="PEM certificate (chain): serve TLS only")
     parser.add_argument("--ssl-key", help="PEM private key of --ssl-cert")
     parser.add_argument("--max-workers", type=int, default=8, help="RPC threads")
@@ -89,6 +94,7 @@ def server_kwargs(args: argparse.Namespace) -> dict:
         monitoring_config_file=args.monitoring_config_file,
         max_num_load_retries=args.max_num_load_retries,
         load_retry_interval_s=args.load_retry_interval_micros / 1e6,
+        batching_parameters_file=args.batching_parameters_file,
     )
 
 

@@ -49,7 +49,7 @@ from grpc_health.v1 import health, health_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, predict_pb2
 
 from serving import metrics as M
-from serving.batching import Batcher
+from serving.batching import Batcher, read_batching_parameters
 from serving.flags import MIB, add_server_arguments, server_kwargs
 from serving.grpc_services import SERVICE_NAMES, grpc_server
 from serving.lifecycle import StopSignals, bind_grpc, grpc_credentials, rest_ssl_context
@@ -89,6 +89,8 @@ class ModelServer:
       ssl_cert, ssl_key: PEM files; when given, gRPC and REST speak TLS only.
       rest_api_num_threads, rest_api_timeout_s: REST connections handled at once (0: 4 per
         CPU) and how long each may take to send its request (`rest._BoundedServer`).
+      batching_parameters_file: TF Serving's BatchingParameters text file (with
+        enable_batching, instead of batch_size / batch_timeout_s).
       max_num_load_retries, load_retry_interval_s: a version that fails to load is tried
         again this many times, this far apart (`versions.ModelVersions`).
       monitoring_config_file: TF Serving's MonitoringConfig text proto; with
@@ -112,6 +114,7 @@ class ModelServer:
         rest_api_num_threads: int = 0, rest_api_timeout_s: float = 30.0,
         monitoring_config_file: str | None = None,
         max_num_load_retries: int = 5, load_retry_interval_s: float = 60.0,
+        batching_parameters_file: str | None = None,
     ):
         if (model_base_path is None) == (model_config_file is None):
             raise ValueError("give exactly one of --model-base-path and --model-config-file")
@@ -132,7 +135,13 @@ class ModelServer:
         self.max_batch_size = max_batch_size
         self.max_message_bytes = max_message_bytes
         self.max_elements = max_message_bytes
-        self.batcher = Batcher(batch_size, batch_timeout_s) if enable_batching else None
+        if batching_parameters_file and not enable_batching:
+            raise ValueError(f"{batching_parameters_file}: batching parameters apply with "
+                             "--enable-batching; add it")
+        self.batcher = None
+        if enable_batching:
+            self.batcher = (Batcher(**read_batching_parameters(batching_parameters_file))
+                            if batching_parameters_file else Batcher(batch_size, batch_timeout_s))
         self.ssl_cert, self.ssl_key = ssl_cert, ssl_key
         self._max_workers = max_workers
         self._stopping = threading.Event()

@@ -61,8 +61,39 @@ def test_batcher_merges_concurrent_calls_and_returns_each_its_rows():
         np.testing.assert_array_equal(result, np.full((rows, 2), 2 * value))
 
 
+def test_batcher_splits_large_requests_into_batches_and_joins_the_rows():
+    # enable_large_batch_splitting: 10 rows at max 4 -> pieces of 4, 4, 2, answered in order
+    batcher = Batcher(max_batch_size=4, timeout_s=0.0, split_large_batches=True)
+    calls = []
+
+    def record(arrays):
+        calls.append(len(arrays["x"]))
+        return {"y": arrays["x"] * 10}
+
+    x = np.arange(10, dtype=float).reshape(10, 1)
+    np.testing.assert_array_equal(batcher.run(("k",), record, {"x": x})["y"], x * 10)
+    assert calls == [4, 4, 2]
+
+
+def test_batching_parameters_are_tf_servings_text_proto(tmp_path):
+    from serving.batching import read_batching_parameters
+
+    shipped = os.path.join(REPO, "serving", "tf_serving", "batching_parameters.txt")
+    assert read_batching_parameters(shipped) == {
+        "max_batch_size": 1024, "timeout_s": 0.002, "split_large_batches": True}
+    path = tmp_path / "b.txt"
+    path.write_text("max_batch_size { value: 64 }\nmax_execution_batch_size { value: 16 }\n")
+    assert read_batching_parameters(str(path)) == {
+        "max_batch_size": 16, "timeout_s": 0.0, "split_large_batches": False}
+    path.write_text("max_batch_size: 64\n")  # a wrapper type, not a scalar
+    with pytest.raises(ValueError, match="b.txt: not a BatchingParameters text proto"):
+        read_batching_parameters(str(path))
+    with pytest.raises(ValueError, match="apply with --enable-batching"):
+        ModelServer(str(tmp_path), port=0, batching_parameters_file=shipped)
+
+
 def test_batcher_runs_big_and_empty_requests_alone_and_shares_errors():
-    batcher = Batcher(max_batch_size=4, timeout_s=0.0)
+    batcher = Batcher(max_batch_size=4, timeout_s=0.0, split_large_batches=False)
     calls = []
 
     def record(arrays):
