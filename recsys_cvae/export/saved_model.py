@@ -340,7 +340,9 @@ def _write_warmup_requests(module: ServingModule, path: str) -> None:
     named as the raw columns the signatures take).
 
     TF Serving replays `assets.extra/tf_serving_warmup_requests` at load time, so the first
-    real request does not pay for graph initialisation.
+    real request does not pay for graph initialisation. `model_spec.name` is left empty on
+    purpose: TF Serving's saved_model_warmup_util runs every record against the version
+    being loaded, whatever name it carries, so one export warms up under any --model_name.
     """
     try:
         from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
