@@ -3,8 +3,10 @@
 Why a separate program: TF Serving loads an export with nothing but TensorFlow. Running the
 check in a fresh interpreter that never imports `recsys_cvae` proves the export needs no
 model code, no custom ops and no Python functions. Every signature runs twice: through
-`tf.saved_model.load` (TF2, as Beam RunInference calls it) and through the TF1 session loader
-fed by the SignatureDef's tensor names (how `tensorflow_model_server` runs a SignatureDef).
+`tf.saved_model.load` (TF2, as this project's Beam handlers, `beam_jobs.signature_inference`
+and `beam_jobs.model_handler`, load it; Beam's stock TF handlers go through Keras and cannot)
+and through the TF1 session loader fed by the SignatureDef's tensor names (how
+`tensorflow_model_server` runs a SignatureDef).
 `recsys_cvae.export.verify_export` writes the cases file and runs
 
     python -m serving.verify_export --export-dir W/export/3 --cases cases.json
@@ -52,8 +54,8 @@ def graph_op_types(concrete_function) -> set[str]:
 def check_export(export_dir: str, cases: dict) -> dict:
     """Runs every signature in `cases` through both loaders and compares; returns a summary.
 
-    1. TF2: `tf.saved_model.load` and the signature's concrete function (as Beam
-       RunInference and `serving.server` call it).
+    1. TF2: `tf.saved_model.load` and the signature's concrete function (as our Beam
+       handlers and `serving.server` call it).
     2. TF1: `tf.compat.v1.saved_model.loader.load` into a `tf.compat.v1.Session`, feeding and
        fetching the SignatureDef's tensor names (as `tensorflow_model_server` runs it). The
        graph must hold only op types registered by core TensorFlow (this process imports
