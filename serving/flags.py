@@ -75,6 +75,10 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "(with --enable-batching)")
     parser.add_argument("--ssl-cert", help="PEM certificate (chain): serve TLS only")
     parser.add_argument("--ssl-key", help="PEM private key of --ssl-cert")
+    parser.add_argument(
+        "--ssl-client-ca",
+        help="PEM CA certificate: clients must present a certificate it signed (mutual TLS, "
+        "as TF Serving's ssl_config client_verify)")
     parser.add_argument("--max-workers", type=int, default=8, help="RPC threads")
     parser.add_argument("--grace-s", type=float, default=10.0, help="shutdown grace period")
 
@@ -88,7 +92,7 @@ def server_kwargs(args: argparse.Namespace) -> dict:
         rest_api_port=args.rest_api_port, model_config_file=args.model_config_file,
         enable_batching=args.enable_batching, batch_size=args.batch_size,
         batch_timeout_s=args.batch_timeout_ms / 1000, ssl_cert=args.ssl_cert,
-        ssl_key=args.ssl_key, max_workers=args.max_workers,
+        ssl_key=args.ssl_key, ssl_client_ca=args.ssl_client_ca, max_workers=args.max_workers,
         rest_api_num_threads=args.rest_api_num_threads,
         rest_api_timeout_s=args.rest_api_timeout_in_ms / 1000,
         monitoring_config_file=args.monitoring_config_file,

@@ -17,29 +17,42 @@ import time
 import grpc
 
 
-def grpc_credentials(ssl_cert: str, ssl_key: str) -> grpc.ServerCredentials:
-    """TLS credentials from the PEM files of `--ssl-cert` and `--ssl-key`.
+def _read_pem(flag: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as error:
+        raise OSError(f"{flag} {path}: cannot read the PEM file ({error.strerror})") from None
+
+
+def grpc_credentials(ssl_cert: str, ssl_key: str,
+                     client_ca: str | None = None) -> grpc.ServerCredentials:
+    """TLS credentials from the PEM files of `--ssl-cert` and `--ssl-key`; with `client_ca`
+    (`--ssl-client-ca`, TF Serving's ssl_config `custom_ca` + `client_verify`), clients must
+    present a certificate that CA signed (mutual TLS).
 
     Read before any model is loaded, so that an unreadable file fails the start at once, with
     the flag and path named, instead of after the (slow) first load.
     """
-    pair = []
-    for flag, path in (("--ssl-key", ssl_key), ("--ssl-cert", ssl_cert)):
-        try:
-            with open(path, "rb") as f:
-                pair.append(f.read())
-        except OSError as error:
-            raise OSError(
-                f"{flag} {path}: cannot read the PEM file ({error.strerror})") from None
-    return grpc.ssl_server_credentials([tuple(pair)])
+    pair = (_read_pem("--ssl-key", ssl_key), _read_pem("--ssl-cert", ssl_cert))
+    if client_ca is None:
+        return grpc.ssl_server_credentials([pair])
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=_read_pem("--ssl-client-ca", client_ca),
+        require_client_auth=True)
 
 
-def rest_ssl_context(ssl_cert: str | None, ssl_key: str | None) -> ssl.SSLContext | None:
-    """The REST listener's TLS context for the same PEM files as gRPC's (None: plain HTTP)."""
+def rest_ssl_context(ssl_cert: str | None, ssl_key: str | None,
+                     client_ca: str | None = None) -> ssl.SSLContext | None:
+    """The REST listener's TLS context for the same PEM files as gRPC's (None: plain HTTP),
+    requiring a client certificate signed by `client_ca` when given."""
     if ssl_cert is None:
         return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(ssl_cert, ssl_key)
+    if client_ca is not None:
+        context.load_verify_locations(client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
     return context
 
 

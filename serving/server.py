@@ -87,6 +87,7 @@ class ModelServer:
       enable_batching: merge concurrent requests to one signature into one call of up to
         `batch_size` rows, waiting at most `batch_timeout_s` for company.
       ssl_cert, ssl_key: PEM files; when given, gRPC and REST speak TLS only.
+      ssl_client_ca: PEM CA; clients must present a certificate it signed (mutual TLS).
       rest_api_num_threads, rest_api_timeout_s: REST connections handled at once (0: 4 per
         CPU) and how long each may take to send its request (`rest._BoundedServer`).
       batching_parameters_file: TF Serving's BatchingParameters text file (with
@@ -110,7 +111,7 @@ class ModelServer:
         version_labels: dict[str, int] | None = None, max_workers: int = 8,
         rest_api_port: int | None = None, model_config_file: str | None = None,
         enable_batching: bool = False, batch_size: int = 32, batch_timeout_s: float = 0.002,
-        ssl_cert: str | None = None, ssl_key: str | None = None,
+        ssl_cert: str | None = None, ssl_key: str | None = None, ssl_client_ca: str | None = None,
         rest_api_num_threads: int = 0, rest_api_timeout_s: float = 30.0,
         monitoring_config_file: str | None = None,
         max_num_load_retries: int = 5, load_retry_interval_s: float = 60.0,
@@ -118,6 +119,8 @@ class ModelServer:
     ):
         if (model_base_path is None) == (model_config_file is None):
             raise ValueError("give exactly one of --model-base-path and --model-config-file")
+        if ssl_client_ca is not None and ssl_cert is None:
+            raise ValueError("--ssl-client-ca needs --ssl-cert and --ssl-key (mutual TLS)")
         if (ssl_cert is None) != (ssl_key is None):
             raise ValueError("TLS needs both --ssl-cert and --ssl-key")
         if model_config_file is not None:
@@ -142,7 +145,7 @@ class ModelServer:
         if enable_batching:
             self.batcher = (Batcher(**read_batching_parameters(batching_parameters_file))
                             if batching_parameters_file else Batcher(batch_size, batch_timeout_s))
-        self.ssl_cert, self.ssl_key = ssl_cert, ssl_key
+        self.ssl_cert, self.ssl_key, self.ssl_client_ca = ssl_cert, ssl_key, ssl_client_ca
         self._max_workers = max_workers
         self._stopping = threading.Event()
         self._poller: threading.Thread | None = None
@@ -259,7 +262,8 @@ class ModelServer:
         slow first load, and a port that cannot be bound leaves no poller thread behind.
         """
         self._check_base_paths()
-        credentials = grpc_credentials(self.ssl_cert, self.ssl_key) if self.ssl_cert else None
+        credentials = (grpc_credentials(self.ssl_cert, self.ssl_key, self.ssl_client_ca)
+                       if self.ssl_cert else None)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._load_first_versions()
         self._start_grpc(credentials)
@@ -291,7 +295,7 @@ class ModelServer:
         self._server = server
 
     def _start_rest(self) -> None:
-        context = rest_ssl_context(self.ssl_cert, self.ssl_key)
+        context = rest_ssl_context(self.ssl_cert, self.ssl_key, self.ssl_client_ca)
         self._rest = RestServer(self, self.host, self.rest_port, context,
                                 num_threads=self._rest_threads, timeout_s=self._rest_timeout_s,
                                 metrics_path=self.metrics_path)
