@@ -236,19 +236,23 @@ def _from_inputs(value: Any, inputs: Mapping[str, int]) -> dict:
 def _json_values(array: np.ndarray, as_bytes: bool) -> Any:
     if array.dtype != object:
         return array.tolist()
+    flat = array.ravel().tolist()
     if as_bytes:
-        return np.vectorize(lambda b: {"b64": base64.b64encode(b).decode()},
-                            otypes=[object])(array).tolist() if array.size else array.tolist()
-    return np.vectorize(lambda b: b.decode("utf-8", "replace"),
-                        otypes=[object])(array).tolist() if array.size else array.tolist()
+        values = [{"b64": base64.b64encode(b).decode()} for b in flat]
+    else:
+        values = [b.decode("utf-8", "replace") if isinstance(b, bytes) else str(b) for b in flat]
+    return np.array(values, dtype=object).reshape(array.shape).tolist() if array.ndim > 1 else (
+        values if array.ndim == 1 else values[0])
 
 
-def response_json(outputs: Mapping[str, tensor_pb2.TensorProto], form: str) -> dict:
-    """`MakeJsonFromTensors`: outputs in row or columnar form; an output whose name ends in
-    `_bytes` is written as base64 objects (`IsNamedTensorBytes`)."""
+def response_json(outputs: Mapping[str, Any], form: str) -> dict:
+    """`MakeJsonFromTensors`: outputs (numpy arrays or TensorProtos) in row or columnar form;
+    an output whose name ends in `_bytes` is written as base64 objects
+    (`IsNamedTensorBytes`)."""
     if not outputs:
         raise JsonTensorError("Cannot convert empty tensor map to JSON")
-    arrays = {name: to_ndarray(outputs[name]) for name in sorted(outputs)}
+    arrays = {name: outputs[name] if isinstance(outputs[name], np.ndarray)
+              else to_ndarray(outputs[name]) for name in sorted(outputs)}
     as_bytes = {name: name.endswith("_bytes") for name in arrays}
     if form == COLUMNAR:
         values = {name: _json_values(a, as_bytes[name]) for name, a in arrays.items()}

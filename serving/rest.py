@@ -75,7 +75,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _reply(self, status: int, body: dict) -> None:
-        data = json.dumps(body, indent=1).encode()
+        data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -233,7 +233,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise invalid(str(error)) from None
         for key, proto in tensors.items():
             request.inputs[key].CopyFrom(proto)
-        outputs = self.model_server.predict(request).outputs
+        _, _, outputs = self.model_server.run_predict(request)
         try:
             return response_json(outputs, form)
         except JsonTensorError as error:

@@ -199,6 +199,19 @@ class ModelServer:
 
     def predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
         """Answers one PredictRequest (raises RpcError for requests TF Serving would refuse)."""
+        servable, signature_name, outputs = self.run_predict(request)
+        response = predict_pb2.PredictResponse()
+        response.model_spec.name = request.model_spec.name
+        response.model_spec.version.value = servable.version
+        response.model_spec.signature_name = signature_name
+        for key, value in outputs.items():
+            response.outputs[key].CopyFrom(output_proto(value))
+        return response
+
+    def run_predict(self, request: predict_pb2.PredictRequest):
+        """(servable, signature name, output name -> numpy array) of one PredictRequest: what
+        `predict` answers, before its outputs become TensorProtos (REST writes JSON from the
+        arrays directly)."""
         if not request.HasField("model_spec"):
             raise invalid("Missing ModelSpec")
         servable = self.resolve(request.model_spec)
@@ -211,13 +224,7 @@ class ModelServer:
         # predict_util.cc records the runtime's wall time as runtime "TF1" (a SavedModel session)
         M.RUNTIME_LATENCY.add((time.perf_counter() - started) * 1e6, request.model_spec.name,
                               "Predict", "TF1")
-        response = predict_pb2.PredictResponse()
-        response.model_spec.name = request.model_spec.name
-        response.model_spec.version.value = servable.version
-        response.model_spec.signature_name = signature_name
-        for key, value in outputs.items():
-            response.outputs[key].CopyFrom(output_proto(value))
-        return response
+        return servable, signature_name, outputs
 
     def metadata(self, request) -> get_model_metadata_pb2.GetModelMetadataResponse:
         """Answers GetModelMetadata: the SignatureDefMap packed in an Any, as TF Serving."""
