@@ -135,7 +135,29 @@ def _fill(value: Any, shape: list[int], dtype: int, out: list, level: int = 0) -
             raise JsonTensorError(
                 f"Encountered list at unexpected size: {len(item)} at level: {depth} expected "
                 f"size: {shape[depth]}")
+        if depth == len(shape) - 1 and _plain_leaves(item, dtype):
+            out.extend(_leaves(item, dtype))  # the common case, without a call per value
+            continue
         stack.extend((child, depth + 1) for child in reversed(item))
+
+
+def _plain_leaves(values: list, dtype: int) -> bool:
+    """Whether every value is one `_scalar` takes as is: a str for a string input, an int or
+    float (not a bool) within range for a float input."""
+    if dtype == types_pb2.DT_STRING:
+        return all(type(v) is str for v in values)
+    if dtype == types_pb2.DT_FLOAT:
+        return all((type(v) is float or type(v) is int) and abs(v) <= _FLOAT32_MAX
+                   for v in values)
+    if dtype == types_pb2.DT_DOUBLE:
+        return all(type(v) is float or type(v) is int for v in values)
+    return False
+
+
+def _leaves(values: list, dtype: int) -> list:
+    if dtype == types_pb2.DT_STRING:
+        return [v.encode() for v in values]
+    return [float(v) for v in values]
 
 
 def _tensor(value: Any, dtype: int) -> tuple[list[int], list]:
@@ -260,8 +282,9 @@ def response_json(outputs: Mapping[str, Any], form: str) -> dict:
     batch = {a.shape[0] if a.ndim else -1 for a in arrays.values()}
     if len(batch) != 1 or -1 in batch:
         raise JsonTensorError("Tensor outputs have no common batch size")
-    rows = []
-    for index in range(batch.pop()):
-        row = {name: _json_values(a[index], as_bytes[name]) for name, a in arrays.items()}
-        rows.append(row if len(row) > 1 else next(iter(row.values())))
-    return {"predictions": rows}
+    # each output converted once, whole, then cut into rows (a call per row costs more)
+    columns = {name: _json_values(a, as_bytes[name]) for name, a in arrays.items()}
+    if len(columns) == 1:
+        return {"predictions": next(iter(columns.values()))}
+    names = list(columns)
+    return {"predictions": [dict(zip(names, values)) for values in zip(*columns.values())]}
