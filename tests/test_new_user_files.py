@@ -176,3 +176,22 @@ def test_bad_files_and_settings_are_refused_in_one_line(tmp_path, case):
     assert line.startswith(f"recsys-cvae {args[0]}: error: ")
     assert expected in line, line
     assert not (tmp_path / "run" / "model").exists()  # nothing half-written
+
+
+def test_a_whole_pipeline_without_a_users_file_from_a_users_folder(tmp_path):
+    """No users.csv: features, training, export, candidates and the report all run (no cold
+    split, so no cold-start candidates), the output holds no progress-bar redraws, and the
+    run ends pointing at the HTML report. (~30 s: the one pipeline run of the default suite
+    on a user's own files.)"""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "interactions.csv").write_text(interactions_csv())
+    result = run_cli(tmp_path, "pipeline", "--data-dir", "data", "--workdir", "run",
+                     "--set", "train.epochs=1", "--set", "export.verify=false", timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "\r" not in result.stdout and "\r" not in result.stderr
+    assert "Traceback" not in result.stderr and "absl::InitializeLog" not in result.stderr
+    assert result.stdout.rstrip().splitlines()[-1].startswith(
+        f"Report: {tmp_path / 'run' / 'report' / 'report.html'}")
+    assert (tmp_path / "run" / "export" / "1" / "saved_model.pb").exists()
+    assert not list((tmp_path / "run" / "candidates" / "cvae").glob("cold-*"))  # no cold split

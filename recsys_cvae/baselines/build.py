@@ -19,6 +19,7 @@ a user's own history are never recommended.
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
 from collections.abc import Sequence
 from typing import Any
@@ -44,6 +45,8 @@ IN_MEMORY_BASELINES = tuple(name for name in BASELINES if name != "multvae")
 # Fitted by another module (a neural model, opt-in through evaluate.baselines: slower).
 NEURAL_BASELINES = ("two_tower",)
 PARAMS_FILE = "baseline.json"
+
+log = logging.getLogger(__name__)
 
 
 def build_baselines(
@@ -73,6 +76,11 @@ def build_baselines(
             "`recsys-cvae baselines` or `pipeline.stages.run_baselines`"
         )
     spec = S.FeatureSpec.load(features_dir)
+    if "segment_popularity" in names and not spec.attributes:
+        # features without a users file: nothing to segment by, and nothing is lost
+        # (segment popularity would be popularity itself)
+        names.remove("segment_popularity")
+        log.info("segment_popularity left out: the features have no user attributes")
     items = spec.item_vocabulary()
     item_index = {item: i for i, item in enumerate(items)}
     params: dict[str, dict[str, Any]] = {name: {} for name in names}
