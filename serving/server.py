@@ -53,6 +53,7 @@ from serving.batching import Batcher, read_batching_parameters
 from serving.flags import MIB, add_server_arguments, server_kwargs
 from serving.grpc_services import SERVICE_NAMES, grpc_server
 from serving.lifecycle import StopSignals, bind_grpc, grpc_credentials, rest_ssl_context
+from serving.request_log import RequestLogger
 from serving.rest import RestServer
 from serving.servable import (
     DEFAULT_SIGNATURE,
@@ -131,6 +132,10 @@ class ModelServer:
         self.models = {
             c.name: ModelVersions(c, max_batch_size, max_message_bytes, max_num_load_retries,
                                   load_retry_interval_s) for c in configs}
+        # logging_config of each model: sampled Predict calls as PredictionLog records
+        self.request_logs = {c.name: RequestLogger(c.name, c.log_sampling_rate,
+                                                   c.log_filename_prefix)
+                             for c in configs if c.log_sampling_rate > 0}
         self.model_name = configs[0].name
         self.model_base_path = configs[0].base_path
         self.host, self.port = host, port
@@ -199,14 +204,7 @@ class ModelServer:
 
     def predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
         """Answers one PredictRequest (raises RpcError for requests TF Serving would refuse)."""
-        servable, signature_name, outputs = self.run_predict(request)
-        response = predict_pb2.PredictResponse()
-        response.model_spec.name = request.model_spec.name
-        response.model_spec.version.value = servable.version
-        response.model_spec.signature_name = signature_name
-        for key, value in outputs.items():
-            response.outputs[key].CopyFrom(output_proto(value))
-        return response
+        return _response(request, *self.run_predict(request))
 
     def run_predict(self, request: predict_pb2.PredictRequest):
         """(servable, signature name, output name -> numpy array) of one PredictRequest: what
@@ -224,6 +222,9 @@ class ModelServer:
         # predict_util.cc records the runtime's wall time as runtime "TF1" (a SavedModel session)
         M.RUNTIME_LATENCY.add((time.perf_counter() - started) * 1e6, request.model_spec.name,
                               "Predict", "TF1")
+        logger = self.request_logs.get(request.model_spec.name)
+        if logger is not None and logger.sampled():
+            logger.write(request, _response(request, servable, signature_name, outputs))
         return servable, signature_name, outputs
 
     def metadata(self, request) -> get_model_metadata_pb2.GetModelMetadataResponse:
@@ -321,6 +322,8 @@ class ModelServer:
             self._server.stop(grace_s).wait()
         if self._poller is not None:
             self._poller.join()
+        for logger in self.request_logs.values():
+            logger.close()
 
     def wait(self) -> None:
         """Blocks until the server stops."""
@@ -349,6 +352,17 @@ def serve(model_base_path: str | None = None, **kwargs) -> ModelServer:
     server = ModelServer(model_base_path, **kwargs)
     server.start()
     return server
+
+
+def _response(request, servable, signature_name: str, outputs) -> predict_pb2.PredictResponse:
+    """The PredictResponse of a call `ModelServer.run_predict` answered."""
+    response = predict_pb2.PredictResponse()
+    response.model_spec.name = request.model_spec.name
+    response.model_spec.version.value = servable.version
+    response.model_spec.signature_name = signature_name
+    for key, value in outputs.items():
+        response.outputs[key].CopyFrom(output_proto(value))
+    return response
 
 
 def describe(server: ModelServer) -> str:

@@ -51,6 +51,8 @@ class ModelConfig:
       num_versions: how many newest versions "latest" keeps loaded.
       versions: the versions "specific" loads.
       version_labels: label -> version, as TF Serving's `version_labels`.
+      log_sampling_rate, log_filename_prefix: its `logging_config` (`serving.request_log`);
+        rate 0: no request log.
     """
 
     name: str
@@ -59,6 +61,8 @@ class ModelConfig:
     num_versions: int = 1
     versions: tuple[int, ...] = ()
     version_labels: dict[str, int] = field(default_factory=dict)
+    log_sampling_rate: float = 0.0
+    log_filename_prefix: str = ""
 
 
 class ModelVersions:
@@ -239,8 +243,13 @@ def read_model_config_file(path: str) -> list[ModelConfig]:
         versions = tuple(entry.model_version_policy.specific.versions)
         base = entry.base_path if os.path.isabs(entry.base_path) else os.path.join(
             os.path.dirname(os.path.abspath(path)), entry.base_path)
+        logging = entry.logging_config
+        prefix = logging.log_collector_config.filename_prefix
+        if prefix and not os.path.isabs(prefix):
+            prefix = os.path.join(os.path.dirname(os.path.abspath(path)), prefix)
         models.append(ModelConfig(entry.name, base, policy, num_versions, versions,
-                                  dict(entry.version_labels)))
+                                  dict(entry.version_labels),
+                                  logging.sampling_config.sampling_rate, prefix))
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise ValueError(f"--model-config-file {path}: model names repeat: {names}")
