@@ -283,9 +283,13 @@ class _BoundedServer(ThreadingHTTPServer):
         super().__init__(address, handler)
         self.ssl_context, self.timeout_s = ssl_context, timeout_s
         self._slots = threading.BoundedSemaphore(max_threads)
+        self.stopping = threading.Event()
 
     def process_request(self, request, client_address):
-        self._slots.acquire()
+        while not self._slots.acquire(timeout=0.2):  # every slot busy: wait, unless stopping
+            if self.stopping.is_set():
+                self.shutdown_request(request)
+                return
         try:
             super().process_request(request, client_address)
         except BaseException:
@@ -329,5 +333,6 @@ class RestServer:
         return self.port
 
     def stop(self) -> None:
+        self._httpd.stopping.set()  # an accept loop waiting for a free slot gives up
         self._httpd.shutdown()
         self._httpd.server_close()
