@@ -22,9 +22,10 @@ def test_refit_config_takes_the_selected_epochs_and_final_beta():
     assert (settings.train.epochs, settings.train.beta_cap) == (7, 0.05)
     assert settings.train.early_stopping_patience == 0  # no validation left to stop on
     assert settings.model.linear_blend_lambdas == []  # the blend's choice is reused
-    assert config.train.epochs == 100 and config.train.beta_cap == 0.2  # not modified
+    assert config.train.epochs == 100 and config.train.beta_cap == Config().train.beta_cap
     # A NaN β (no epoch logged one) keeps the configured cap.
-    assert refit_config(config, {"best_epoch": 3, "best_beta": math.nan}).train.beta_cap == 0.2
+    assert refit_config(config, {"best_epoch": 3, "best_beta": math.nan}).train.beta_cap == (
+        config.train.beta_cap)
 
 
 def test_folded_splits_give_every_interaction_as_history(features_dir):
