@@ -436,8 +436,7 @@ def format_summary(spec: S.FeatureSpec, output_dir: str) -> str:
         + _empty_validation_line(spec)
         + _profile_line(counts)
         + "".join(f"  {line}\n" for line in _attribute_lines(spec))
-        + 
-        f"  wrote {posixpath.join(output_dir, S.SPEC_FILE)}"
+        + f"  wrote {posixpath.join(output_dir, S.SPEC_FILE)}"
     )
 
 

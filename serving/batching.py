@@ -23,6 +23,9 @@ import threading
 from collections.abc import Callable
 
 import numpy as np
+from google.protobuf import descriptor_pb2, wrappers_pb2
+
+from serving.text_protos import message_class, read_text_proto
 
 Arrays = dict[str, np.ndarray]
 
@@ -139,12 +142,8 @@ class Batcher:
 
 # ---- --batching-parameters-file ------------------------------------------------------------
 
-def _batching_parameters_class():
-    """tensorflow.serving.BatchingParameters (servables/tensorflow/session_bundle_config.proto),
-    which tensorflow-serving-api does not ship compiled: built from its fields, so a text file
-    written for tensorflow_model_server parses here, strictly (an unknown field is an error)."""
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, wrappers_pb2
-
+def _batching_parameters_class() -> type:
+    """tensorflow.serving.BatchingParameters (servables/tensorflow/session_bundle_config.proto)."""
     proto = descriptor_pb2.FileDescriptorProto(
         name="recsys_cvae/batching_parameters.proto", package="tensorflow.serving",
         syntax="proto3", dependency=["google/protobuf/wrappers.proto"])
@@ -159,11 +158,8 @@ def _batching_parameters_class():
                           type_name=f".google.protobuf.{kind}")
     message.field.add(name="allowed_batch_sizes", number=6, type=3, label=3)
     message.field.add(name="pad_variable_length_inputs", number=7, type=8, label=1)
-    pool = descriptor_pool.DescriptorPool()
-    pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
-    pool.Add(proto)
-    return message_factory.GetMessageClass(
-        pool.FindMessageTypeByName("tensorflow.serving.BatchingParameters"))
+    return message_class(proto, "tensorflow.serving.BatchingParameters",
+                         [wrappers_pb2.DESCRIPTOR])
 
 
 def read_batching_parameters(path: str) -> dict:
@@ -175,19 +171,7 @@ def read_batching_parameters(path: str) -> dict:
     Raises:
       ValueError: the file is unreadable or not a BatchingParameters text proto.
     """
-    from google.protobuf import text_format
-
-    try:
-        with open(path) as f:
-            text = f.read()
-    except OSError as error:
-        raise ValueError(
-            f"{path}: cannot read the batching parameters ({error.strerror})") from None
-    parameters = _batching_parameters_class()()
-    try:
-        text_format.Parse(text, parameters)
-    except text_format.ParseError as error:
-        raise ValueError(f"{path}: not a BatchingParameters text proto ({error})") from None
+    parameters = read_text_proto(path, _batching_parameters_class(), "batching parameters")
     size = parameters.max_batch_size.value if parameters.HasField("max_batch_size") else 1000
     if parameters.HasField("max_execution_batch_size"):
         size = parameters.max_execution_batch_size.value

@@ -27,10 +27,11 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from serving.flags import MIB
 from serving.tensor_protos import dtype_name, numpy_dtype, to_ndarray, to_tensor_proto
 
 HISTORY_INPUT = "item_ids"
-MIB = 1024 * 1024
+
 _STATE_NAMES = dict(get_model_status_pb2.ModelVersionStatus.State.items())
 _STATE_NAMES = {value: name for name, value in _STATE_NAMES.items()}
 

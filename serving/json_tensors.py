@@ -25,15 +25,11 @@ from typing import Any
 import numpy as np
 from tensorflow.core.framework import tensor_pb2, types_pb2
 
-from serving.tensor_protos import to_ndarray, to_tensor_proto
+from serving.tensor_protos import dtype_name, numpy_dtype, to_ndarray, to_tensor_proto
 
 ROW, COLUMNAR = "row", "columnar"
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _INT32 = (types_pb2.DT_INT32, types_pb2.DT_INT16, types_pb2.DT_INT8, types_pb2.DT_UINT8)
-_NUMPY = {types_pb2.DT_FLOAT: np.float32, types_pb2.DT_DOUBLE: np.float64,
-          types_pb2.DT_INT32: np.int32, types_pb2.DT_INT16: np.int16, types_pb2.DT_INT8: np.int8,
-          types_pb2.DT_UINT8: np.uint8, types_pb2.DT_INT64: np.int64, types_pb2.DT_BOOL: np.bool_,
-          types_pb2.DT_STRING: object}
 
 
 class JsonTensorError(ValueError):
@@ -81,7 +77,7 @@ def _scalar(value: Any, dtype: int) -> Any:
     if dtype in _INT32 or dtype == types_pb2.DT_INT64:
         if not isinstance(value, int) or isinstance(value, bool):
             raise _type_error(value, dtype)
-        info = np.iinfo(_NUMPY[dtype])
+        info = np.iinfo(numpy_dtype(dtype_name(dtype)))
         if not info.min <= value <= info.max:
             raise _type_error(value, dtype)
         return value
@@ -168,7 +164,7 @@ def _tensor(value: Any, dtype: int) -> tuple[list[int], list]:
 
 
 def _proto(shape: list[int], values: list, dtype: int) -> tensor_pb2.TensorProto:
-    array = np.empty(len(values), dtype=_NUMPY[dtype])
+    array = np.empty(len(values), dtype=numpy_dtype(dtype_name(dtype)))
     array[:] = values
     return to_tensor_proto(array.reshape(shape))
 

@@ -18,7 +18,9 @@ import re
 import threading
 from collections.abc import Sequence
 
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
+from google.protobuf import descriptor_pb2
+
+from serving.text_protos import message_class, read_text_proto
 
 PROMETHEUS_PATH = "/monitoring/prometheus/metrics"  # PrometheusExporter::kPrometheusPath
 
@@ -149,9 +151,8 @@ def prometheus_page() -> str:
 
 # ---- --monitoring-config-file ----------------------------------------------------------------
 
-def _monitoring_config_class():
-    """tensorflow_serving/config/monitoring_config.proto, which tensorflow-serving-api does
-    not ship compiled: built from its two messages so text_format parses it strictly."""
+def _monitoring_config_class() -> type:
+    """tensorflow_serving/config/monitoring_config.proto's MonitoringConfig."""
     proto = descriptor_pb2.FileDescriptorProto(
         name="recsys_cvae/monitoring_config.proto", package="tensorflow.serving",
         syntax="proto3")
@@ -161,10 +162,7 @@ def _monitoring_config_class():
     monitoring = proto.message_type.add(name="MonitoringConfig")
     monitoring.field.add(name="prometheus_config", number=1, type=11, label=1,
                          type_name=".tensorflow.serving.PrometheusConfig")
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(proto)
-    return message_factory.GetMessageClass(
-        pool.FindMessageTypeByName("tensorflow.serving.MonitoringConfig"))
+    return message_class(proto, "tensorflow.serving.MonitoringConfig")
 
 
 def read_monitoring_config(path: str) -> str | None:
@@ -174,16 +172,7 @@ def read_monitoring_config(path: str) -> str | None:
     Raises:
       ValueError: the file is unreadable or not a MonitoringConfig (one line naming it).
     """
-    try:
-        with open(path) as f:
-            text = f.read()
-    except OSError as error:
-        raise ValueError(f"{path}: cannot read the monitoring config ({error.strerror})") from None
-    config = _monitoring_config_class()()
-    try:
-        text_format.Parse(text, config)
-    except text_format.ParseError as error:
-        raise ValueError(f"{path}: not a MonitoringConfig text proto ({error})") from None
+    config = read_text_proto(path, _monitoring_config_class(), "monitoring config")
     if not config.prometheus_config.enable:
         return None
     return config.prometheus_config.path or PROMETHEUS_PATH

@@ -27,17 +27,13 @@ from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 from tensorflow_serving.apis import prediction_log_pb2
 
+from serving.flags import MIB
+
 DEFAULT_SIGNATURE = "serving_default"
 # A decoded request tensor may take at most this many times the message size cap in memory
-# (bytes per element below: numpy's item size; a string is a pointer plus a bytes object).
+# (bytes per element: the dtype's size; a string is a pointer plus a bytes object).
 DECODED_SIZE_FACTOR = 4
-MIB_BYTES = 1024 * 1024
-_DECODED_ITEM_BYTES = {
-    types_pb2.DT_FLOAT: 4, types_pb2.DT_INT32: 4, types_pb2.DT_INT16: 2, types_pb2.DT_HALF: 2,
-    types_pb2.DT_DOUBLE: 8, types_pb2.DT_INT64: 8,
-    types_pb2.DT_UINT8: 1, types_pb2.DT_INT8: 1, types_pb2.DT_BOOL: 1,
-    types_pb2.DT_STRING: 48,  # an 8-byte pointer + a ~40-byte bytes object for a short id
-}
+STRING_DECODED_BYTES = 48  # an 8-byte pointer + a ~40-byte bytes object for a short id
 
 
 class RpcError(Exception):
@@ -112,16 +108,18 @@ def _tensor_from_proto(
             )
     if math.prod(dims) > max_elements:
         raise invalid(f'input "{name}": {math.prod(dims)} elements, over the cap of {max_elements}')
-    decoded = math.prod(dims) * _DECODED_ITEM_BYTES.get(proto.dtype, 8)
+    item_bytes = (STRING_DECODED_BYTES if proto.dtype == types_pb2.DT_STRING
+                  else tf.dtypes.as_dtype(proto.dtype).size)
+    decoded = math.prod(dims) * item_bytes
     if decoded > DECODED_SIZE_FACTOR * max_elements:
         # A TensorProto may hold one value for a whole shape (it is repeated), so its bytes
         # say nothing about the memory it decodes into: [1024, 16384] strings from one
         # 158-byte request would take ~1.2 GB. The decoded size is capped instead.
         raise RpcError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f'input "{name}": shape {dims} decodes to ~{decoded // MIB_BYTES} MiB, over the cap '
+            f'input "{name}": shape {dims} decodes to ~{decoded // MIB} MiB, over the cap '
             f"of {DECODED_SIZE_FACTOR} x the message size limit "
-            f"({DECODED_SIZE_FACTOR * max_elements // MIB_BYTES} MiB)",
+            f"({DECODED_SIZE_FACTOR * max_elements // MIB} MiB)",
         )
     try:
         return tf.make_ndarray(proto)

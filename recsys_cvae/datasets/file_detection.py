@@ -92,7 +92,7 @@ def check_movielens_file(path: str, compression: str, separator: str, columns) -
         raise InputError(f"{path}: empty file; expected rows of {expected}")
     if len(text.split(separator)) == len(columns):
         return
-    for other in (",", ";", "\t", "|", "::"):
+    for other in (*generic_tables.SEPARATORS, "::"):
         if other != separator and len(text.split(other)) == len(columns):
             raise InputError(
                 f"{path}: line 1 is separated by {other!r} ({text[:80]!r}); expected {expected}, "

@@ -47,6 +47,7 @@ class Headers(NamedTuple):
     items: tuple[str, ...]
     raw_interactions: tuple[str, ...]
     separators: dict[str, str]
+    user_string_columns: tuple[str, ...] = ()  # Parquet: users columns typed as strings
 
 
 def read_headers(
@@ -63,11 +64,11 @@ def read_headers(
       InputError: a header is unreadable or empty, repeats a column, lacks user_id/item_id,
         or the file has no row after it.
     """
-    separators = {}
+    separators, strings = {}, {}
     tables = {}
     for role, path in paths.items():
         if name == PARQUET:
-            tables[role] = _parquet_columns(path)
+            tables[role], strings[role] = _parquet_columns(path)
         else:
             tables[role], separators[role] = _csv_columns(
                 path, compression.get(role, "auto"), require_rows=role == INTERACTIONS
@@ -88,7 +89,8 @@ def read_headers(
             _keep_known(interactions), users, items, raw_interactions=interactions,
             separators=separators,
         )
-    return Headers(interactions, users, items, raw_interactions=(), separators={})
+    return Headers(interactions, users, items, raw_interactions=(), separators={},
+                   user_string_columns=strings.get(USERS, ()))
 
 
 def infer_kind(values_are_numeric: bool, any_value: bool) -> str:
@@ -119,21 +121,6 @@ def is_quantity(text: str) -> bool:
 def split_csv_line(line: str, separator: str = ",") -> list[str]:
     """The fields of one CSV line (quoted fields may hold separators, not line breaks)."""
     return next(csv.reader([line], delimiter=separator), [])
-
-
-def string_columns(path: str) -> tuple[str, ...]:
-    """The columns of a Parquet file typed as strings: categorical whatever their values."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from apache_beam.io.filesystems import FileSystems
-
-    with FileSystems.open(path, compression_type="uncompressed") as f:
-        schema = pq.ParquetFile(f).schema_arrow
-    return tuple(
-        field.name for field in schema
-        if pa.types.is_string(field.type) or pa.types.is_large_string(field.type)
-        or pa.types.is_dictionary(field.type) and pa.types.is_string(field.type.value_type)
-    )  # fmt: skip
 
 
 def parquet_fields(raw: Mapping[str, Any]) -> dict[str, str]:
@@ -196,7 +183,7 @@ def _csv_columns(
     if not text.strip():
         raise InputError(f"{path}: empty file; expected a header line")
     separator = sniff_separator(text)
-    columns = tuple(c.strip() for c in next(csv.reader([text], delimiter=separator)))
+    columns = tuple(c.strip() for c in split_csv_line(text, separator))
     if len(set(columns)) != len(columns):
         raise InputError(f"{path}: header repeats a column: {text}")
     if require_rows and not rest:
@@ -221,21 +208,29 @@ def sniff_separator(header: str) -> str:
     return ","
 
 
-def _parquet_columns(path: str) -> tuple[str, ...]:
+def _parquet_columns(path: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(columns, the columns typed as strings: categorical whatever their values)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
     from apache_beam.io.filesystems import FileSystems
 
     try:
         with FileSystems.open(path, compression_type="uncompressed") as f:
             parquet = pq.ParquetFile(f)
-            names, rows = tuple(parquet.schema_arrow.names), parquet.metadata.num_rows
+            schema, rows = parquet.schema_arrow, parquet.metadata.num_rows
     except Exception as error:  # pyarrow raises several types for a broken file
         raise InputError(f"{path}: not a readable Parquet file ({error})") from None
+    names = tuple(schema.names)
     if rows == 0:
         raise InputError(
             f"{path}: no rows (columns {','.join(names)}); expected at least one row"
         )
-    return names
+    strings = tuple(
+        field.name for field in schema
+        if pa.types.is_string(field.type) or pa.types.is_large_string(field.type)
+        or pa.types.is_dictionary(field.type) and pa.types.is_string(field.type.value_type)
+    )  # fmt: skip
+    return names, strings
 
 
 def _parquet_text(value: Any) -> str:

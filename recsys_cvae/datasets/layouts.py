@@ -251,9 +251,7 @@ def _read_columns(
             kind_sources={a: f"{name} layout" for a in movielens.KINDS[name]},
         )
     headers = generic_tables.read_headers(name, paths, compression)
-    strings = ()
-    if name == PARQUET and USERS in paths:
-        strings = generic_tables.string_columns(paths[USERS])
+    strings = headers.user_string_columns
     attributes = tuple(c for c in headers.users if c != "user_id")
     return Layout(
         name=name,

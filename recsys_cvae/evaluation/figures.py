@@ -40,8 +40,9 @@ def label_order(label: str) -> tuple[float, str]:
 
 
 def coinciding(split_metrics: Mapping[str, Mapping[str, float]]) -> dict[str, list[str]]:
-    """model -> the other models whose every metric equals its own on this split (the first
-    name in sorted order stands for the group); models alone map to []."""
+    """model -> the other models whose every metric equals its own on this split (the group
+    is named by popularity when it is in it, else by its first name in sorted order); models
+    alone map to []."""
     groups: dict[tuple, list[str]] = {}
     for name in sorted(split_metrics):
         key = tuple(sorted((k, round(v, 9)) for k, v in split_metrics[name].items()
@@ -143,10 +144,8 @@ def segments_figure(metrics: Mapping[str, Any], split: str, metric: str = ""):
             values = np.array([rows.get(lab, {}).get(metric, 0.0) for lab in labels])
             intervals = [rows.get(lab, {}).get("ci", {}).get(metric) for lab in labels]
             # a percentile interval need not hold the mean (few replicates): clip at 0
-            errors = np.maximum(np.array([[v - lo, hi - v] if ci else [0.0, 0.0]
-                                          for v, ci, (lo, hi) in zip(
-                                              values, intervals,
-                                              [c or (0, 0) for c in intervals])]).T, 0.0)
+            errors = np.maximum(np.array([[v - ci[0], ci[1] - v] if ci else [0.0, 0.0]
+                                          for v, ci in zip(values, intervals)]).T, 0.0)
             axis.bar(x + j * width, values, width, label=legend, yerr=errors, color=colour(model),
                      error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "#444"})
             for lab in labels:
