@@ -251,36 +251,131 @@ def _from_inputs(value: Any, inputs: Mapping[str, int]) -> dict:
     return tensors
 
 
-def _json_values(array: np.ndarray, as_bytes: bool) -> Any:
-    if array.dtype != object:
-        return array.tolist()
-    flat = array.ravel().tolist()
-    if as_bytes:
-        values = [{"b64": base64.b64encode(b).decode()} for b in flat]
+def _float_formats(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`WriteDecimal` as printf formats: (one format per value, the finite values to fill in).
+
+    TF Serving prints a float as `absl::StrCat` does (`%g`, six significant digits) when that
+    reads back to the same value, else with `max_digits10` digits (`%.9g` for float32,
+    `%.17g` for float64); appends `.0` to a whole number without an exponent; and writes NaN
+    and ±Infinity bare (kWriteNanAndInfFlag). So float32 0.2 is `0.2`, not the
+    `0.20000000298023224` of its float64 repr, and 3 is `3.0`.
+
+    For float32, whether six digits read back is decided for the whole array at once
+    (rounded in float64, then checked exactly by formatting the few that pass), because one
+    `%` over a row's format string is what makes the answer affordable: formatting is most of
+    a large answer's cost. A value for which float64 rounding misses a six-digit form (a
+    decimal tie) is printed with nine digits: a longer text of the same float. float64 values
+    are each checked by printing them.
+    """
+    values = flat.astype(np.float64)
+    precision = 9 if flat.dtype == np.float32 else 17
+    finite = np.isfinite(values)
+    with np.errstate(all="ignore"):
+        magnitude = np.abs(np.where(finite, values, 1.0))
+        exponent = np.floor(np.log10(np.where(magnitude > 0, magnitude, 1.0)))
+        scale = 10.0 ** (5 - exponent)
+        six = np.round(values * scale) / scale
+        short = finite & np.isfinite(six) & (six.astype(flat.dtype) == flat)
+    if flat.dtype != np.float32:  # float64 rounding is no test for float64 values: print all
+        short = finite.copy()
+    candidates = np.flatnonzero(short)
+    if candidates.size:
+        printed = np.array([f"{v:g}" for v in values[candidates].tolist()], dtype=np.float64)
+        short[candidates[printed.astype(flat.dtype) != flat[candidates]]] = False
+    whole = finite & (values == np.trunc(values)) & (
+        magnitude < np.where(short, 1e6, 10.0 ** precision))
+    code = np.where(short, 0, 2) + whole
+    code = np.where(np.isnan(values), 4, np.where(np.isinf(values), 5 + (values < 0), code))
+    formats = np.array(["%g", "%g.0", f"%.{precision}g", f"%.{precision}g.0",
+                        "NaN", "Infinity", "-Infinity"], dtype=object)
+    return formats[code], values
+
+
+def _nest(tokens: list[str], shape: tuple[int, ...]) -> str:
+    """Leaf texts in row-major order -> the JSON text of nested lists of `shape`."""
+    if not shape:
+        return tokens[0]
+    groups = tokens
+    for level in range(len(shape) - 1, -1, -1):
+        size = shape[level]
+        groups = ["[" + ",".join(groups[i * size:(i + 1) * size]) + "]"
+                  for i in range(math.prod(shape[:level]))]
+    return groups[0]
+
+
+def _row_texts(array: np.ndarray, as_bytes: bool) -> list[str]:
+    """The JSON text of each entry along the first axis (`AddTensorValues` per row)."""
+    if array.dtype.kind == "f":
+        flat = array.ravel()
+        formats, values = _float_formats(flat)
+        finite = np.isfinite(values)
+        size, shape = math.prod(array.shape[1:]), array.shape[1:]
+        texts = []
+        for row in range(array.shape[0]):
+            cut = slice(row * size, (row + 1) * size)
+            fill = values[cut] if finite[cut].all() else values[cut][finite[cut]]
+            texts.append(_nest(formats[cut].tolist(), shape) % tuple(fill.tolist()))
+        return texts
+    if array.dtype == object or array.dtype.kind in "SU":
+        flat = array.ravel().tolist()
+        if as_bytes:  # `{"b64": ...}` objects
+            values = [{"b64": base64.b64encode(b).decode()} for b in flat]
+        else:
+            values = _decoded(flat)
+        leaves = np.empty(len(values), dtype=object)  # never nests the b64 objects
+        leaves[:] = values
+        rows = leaves.reshape(array.shape).tolist()
     else:
-        values = [b.decode("utf-8", "replace") if isinstance(b, bytes) else str(b) for b in flat]
-    return np.array(values, dtype=object).reshape(array.shape).tolist() if array.ndim > 1 else (
-        values if array.ndim == 1 else values[0])
+        rows = array.tolist()
+    return [json.dumps(row, ensure_ascii=False, separators=(",", ":")) for row in rows]
 
 
-def response_json(outputs: Mapping[str, Any], form: str) -> dict:
-    """`MakeJsonFromTensors`: outputs (numpy arrays or TensorProtos) in row or columnar form;
-    an output whose name ends in `_bytes` is written as base64 objects
-    (`IsNamedTensorBytes`)."""
+def _decoded(flat: list) -> list[str]:
+    """Strings as text (bytes as UTF-8, invalid sequences replaced): one decode of the
+    joined bytes when that is unambiguous, which a large answer's thousand item ids need."""
+    if all(type(b) is bytes for b in flat):
+        joined = b"\n".join(flat)
+        if joined.count(b"\n") == len(flat) - 1:  # no value holds the separator itself
+            return joined.decode("utf-8", "replace").split("\n") if flat else []
+    return [b.decode("utf-8", "replace") if isinstance(b, bytes) else str(b) for b in flat]
+
+
+def _text(array: np.ndarray, as_bytes: bool) -> str:
+    """The JSON text of a whole output (a bare value for a scalar)."""
+    if array.ndim == 0:
+        return _row_texts(array.reshape(1), as_bytes)[0]
+    return "[" + ",".join(_row_texts(array, as_bytes)) + "]"
+
+
+def response_body(outputs: Mapping[str, Any], form: str) -> bytes:
+    """`MakeJsonFromTensors`: outputs (numpy arrays or TensorProtos) as the JSON text TF
+    Serving answers, in row or columnar form; an output whose name ends in `_bytes` is
+    written as base64 objects (`IsNamedTensorBytes`).
+
+    Written as text, not through `json.dumps` of Python values, because floats must be
+    printed as `WriteDecimal` prints them (see `_float_formats`).
+    """
     if not outputs:
         raise JsonTensorError("Cannot convert empty tensor map to JSON")
     arrays = {name: outputs[name] if isinstance(outputs[name], np.ndarray)
               else to_ndarray(outputs[name]) for name in sorted(outputs)}
     as_bytes = {name: name.endswith("_bytes") for name in arrays}
+    keys = {name: json.dumps(name, ensure_ascii=False) for name in arrays}
     if form == COLUMNAR:
-        values = {name: _json_values(a, as_bytes[name]) for name, a in arrays.items()}
-        return {"outputs": values if len(values) > 1 else next(iter(values.values()))}
+        texts = {name: _text(a, as_bytes[name]) for name, a in arrays.items()}
+        if len(texts) == 1:
+            return f'{{"outputs":{next(iter(texts.values()))}}}'.encode()
+        body = ",".join(f"{keys[name]}:{text}" for name, text in texts.items())
+        return f'{{"outputs":{{{body}}}}}'.encode()
     batch = {a.shape[0] if a.ndim else -1 for a in arrays.values()}
     if len(batch) != 1 or -1 in batch:
         raise JsonTensorError("Tensor outputs have no common batch size")
     # each output converted once, whole, then cut into rows (a call per row costs more)
-    columns = {name: _json_values(a, as_bytes[name]) for name, a in arrays.items()}
+    columns = {name: _row_texts(a, as_bytes[name]) for name, a in arrays.items()}
     if len(columns) == 1:
-        return {"predictions": next(iter(columns.values()))}
-    names = list(columns)
-    return {"predictions": [dict(zip(names, values)) for values in zip(*columns.values())]}
+        rows = next(iter(columns.values()))
+    else:
+        names = list(columns)
+        rows = ["{" + ",".join(f"{keys[name]}:{text}" for name, text in zip(names, values)) + "}"
+                for values in zip(*columns.values())]
+    return ('{"predictions":[' + ",".join(rows) + "]}").encode()

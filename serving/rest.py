@@ -40,7 +40,7 @@ from tensorflow_serving.apis import (
 )
 
 from serving import metrics as M
-from serving.json_tensors import JsonTensorError, request_tensors, response_json
+from serving.json_tensors import JsonTensorError, request_tensors, response_body
 from serving.servable import DEFAULT_SIGNATURE, RpcError, invalid
 
 # tensorflow_serving/model_servers/http_rest_api_util.cc: kPredictionApiGegex and
@@ -74,8 +74,8 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002  (quiet: the gRPC server logs)
         pass
 
-    def _reply(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
+    def _reply(self, status: int, body: dict | bytes) -> None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -123,7 +123,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _route(self, method: str, path: str) -> dict:
+    def _route(self, method: str, path: str) -> dict | bytes:
         """`HttpRestApiHandler::ProcessRequest`: POST predict paths and GET status/metadata
         paths; anything else, on any method, is "Malformed request" (INVALID_ARGUMENT)."""
         malformed = invalid(f"Malformed request: {method} {path}")
@@ -206,7 +206,7 @@ class _Handler(BaseHTTPRequestHandler):
         except RpcError:
             pass
 
-    def _predict(self, spec: dict) -> dict:
+    def _predict(self, spec: dict) -> bytes:
         data = self._read_body()
         if not data.strip():
             raise invalid("JSON Parse error: The document is empty")
@@ -235,7 +235,7 @@ class _Handler(BaseHTTPRequestHandler):
             request.inputs[key].CopyFrom(proto)
         _, _, outputs = self.model_server.run_predict(request)
         try:
-            return response_json(outputs, form)
+            return response_body(outputs, form)
         except JsonTensorError as error:
             raise invalid(str(error)) from None
 

@@ -1,0 +1,91 @@
+"""Answer text as TF Serving writes it: tensorflow/serving util/json_tensor.cc.
+
+The expected strings are those of util/json_tensor_test.cc where it has a case (cited by test
+name); the rest follow `WriteDecimal` (json_tensor.cc): `absl::StrCat` (printf `%g`) when
+that reads back to the same value, else `%.*g` with `max_digits10`; `.0` appended when the
+text has neither `.` nor `e`; NaN and ±Infinity bare.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from serving.json_tensors import COLUMNAR, ROW, response_body
+
+
+def write_decimal(value: float, dtype: type) -> str:
+    """`WriteDecimal` for one value, literally (the reference the vectorised code must match)."""
+    if np.isnan(value):
+        return "NaN"
+    if np.isinf(value):
+        return "-Infinity" if value < 0 else "Infinity"
+    text = f"{value:g}"
+    if dtype(float(text)) != dtype(value):
+        text = f"{value:.{9 if dtype is np.float32 else 17}g}"
+    if "." not in text and "e" not in text:
+        text += ".0"
+    return text
+
+
+def test_six_digit_precision_as_json_tensor_test():
+    # JsontensorTest.FromJsonSingleFloatTensorSixDigitPrecision
+    values = np.array([[9000000, 999999, 0.5], [0.0003, 0.00003, 555557.5]], np.float32)
+    assert response_body({"float_tensor": values}, ROW) == (
+        b'{"predictions":[[9e+06,999999.0,0.5],[0.0003,3e-05,555557.5]]}')
+
+
+def test_non_finite_values_are_bare_as_json_tensor_test():
+    # JsontensorTest.FromJsonSingleFloatTensorNonFinite (kWriteNanAndInfFlag)
+    values = np.array([[np.nan, np.inf], [3, -np.inf]], np.float32)
+    assert response_body({"float_tensor": values}, ROW) == (
+        b'{"predictions":[[NaN,Infinity],[3.0,-Infinity]]}')
+
+
+@pytest.mark.parametrize("value, text", [
+    (0.2, "0.2"),                 # not 0.20000000298023224 (comment above WriteDecimal)
+    (3.0, "3.0"),                 # whole numbers keep a '.0'
+    (0.123456789, "0.123456791"),  # six digits do not read back: max_digits10 (9) digits
+    (1e6, "1e+06"),
+    (-0.0, "-0.0"),
+    (1e-30, "1e-30"),
+    (16777216.0, "16777216.0"),   # %.9g of a whole number has no '.': one is added
+])
+def test_float32_values_print_as_write_decimal(value, text):
+    body = response_body({"score": np.array([value], np.float32)}, COLUMNAR)
+    assert body == f'{{"outputs":[{text}]}}'.encode()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_random_values_match_write_decimal_and_read_back_exactly(dtype):
+    rng = np.random.default_rng(7)
+    values = np.concatenate([
+        rng.standard_normal(3000) * 10.0 ** rng.integers(-12, 12, 3000),
+        rng.integers(-10**7, 10**7, 500).astype(np.float64),   # whole numbers around %g's limit
+        np.round(rng.random(500), 3),                          # short decimals
+        [0.0, -0.0, np.nan, np.inf, -np.inf, 1.5, 2.5, 7.0]]).astype(dtype).reshape(-1, 4)
+    body = response_body({"scores": values}, ROW)
+    expected = "[" + ",".join(
+        "[" + ",".join(write_decimal(v, dtype) for v in row) + "]" for row in values.tolist()) + "]"
+    assert body == f'{{"predictions":{expected}}}'.encode()
+    read_back = np.array(json.loads(body)["predictions"], dtype)
+    np.testing.assert_array_equal(read_back, values)
+
+
+def test_rows_with_several_outputs_and_strings():
+    # MakeJsonFromTensors kRow: one object per instance, outputs in name order; strings as
+    # text, `_bytes` outputs as {"b64": ...} (IsNamedTensorBytes)
+    outputs = {"scores": np.array([[0.5, 0.25], [1.0, 2.0]], np.float32),
+               "item_ids": np.array([[b"m1", "é".encode()], [b"m3", b""]], object),
+               "raw_bytes": np.array([b"hi", b"tf"], object)}
+    body = json.loads(response_body(outputs, ROW))
+    assert body == {"predictions": [
+        {"item_ids": ["m1", "é"], "raw_bytes": {"b64": "aGk="}, "scores": [0.5, 0.25]},
+        {"item_ids": ["m3", ""], "raw_bytes": {"b64": "dGY="}, "scores": [1.0, 2.0]}]}
+
+
+def test_columnar_answers_with_several_outputs_and_integers():
+    outputs = {"count": np.array(3, np.int32), "ids": np.array([[1, 2]], np.int64)}
+    assert response_body(outputs, COLUMNAR) == b'{"outputs":{"count":3,"ids":[[1,2]]}}'
