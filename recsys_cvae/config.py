@@ -111,6 +111,8 @@ class ModelConfig:
         (λ, α) chosen on validation NDCG@10 over these λ and `linear_blend_weights`
         (`recsys_cvae.training.ease_blend`; α = 0 is always a candidate); [] turns it off.
       linear_blend_weights: the α tried for each λ.
+      linear_blend_dropouts: EDLAE's dropout emphasis p tried for each λ (Λ = λI + p/(1−p) ·
+        diag(XᵀX), `recsys_cvae.model.ease`); 0 is EASE itself.
       prior_reconstruction_weight: w in loss += w · −log p(x | z_p, c), z_p ~ p(z|c) (Sohn et
         al.'s hybrid CVAE/GSNN objective): trains the path `generate` uses (cold start,
         what-if) directly. 0 turns it off; needs the conditional prior.
@@ -158,6 +160,9 @@ class ModelConfig:
     )
     linear_blend_weights: list[float] = dataclasses.field(
         default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 20.0, 50.0]
+    )
+    linear_blend_dropouts: list[float] = dataclasses.field(
+        default_factory=lambda: [0.0, 0.33, 0.5]
     )
     prior_reconstruction_weight: float = 2.0
     prior_reconstruction_fraction: float = 0.0
@@ -402,6 +407,7 @@ _LOWER_BOUNDS = {
     "evaluate.bootstrap_replicates": (0, "0 reports no intervals"),
 }
 _POSITIVE = {"train.learning_rate"}
+_DROPOUT_RATES = {"model.linear_blend_dropouts"}  # lists of rates in [0, 1)
 
 
 def _check_bounds(key: str, value: Any, where: str) -> None:
@@ -410,6 +416,9 @@ def _check_bounds(key: str, value: Any, where: str) -> None:
         raise ConfigError(f"{where}: {key} must be at least {floor} ({meaning}), got {value}")
     if key in _POSITIVE and not value > 0:
         raise ConfigError(f"{where}: {key} must be more than 0, got {value}")
+    if key in _DROPOUT_RATES and not all(0.0 <= rate < 1.0 for rate in value):
+        raise ConfigError(f"{where}: {key} takes rates from 0 up to (not including) 1, "
+                          f"got {value}")
 
 
 def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:

@@ -9,9 +9,10 @@ both (0.425). Both terms are linear in the history x, so the sum is one matrix:
     logits = Decoder(z, c) + x · B_trained + α · x · B_ease(λ)
            = Decoder(z, c) + x · (B_trained + α · B_ease(λ))
 
-    B_ease(λ) = I − P · diagMat(1 / diag(P)),  P = (XᵀX + λI)⁻¹,  diag = 0
+    B_ease(λ) = I − P · diagMat(1 / diag(P)),  P = (XᵀX + λI + p/(1−p) · diagMat(XᵀX))⁻¹
 
-with X the training users' inputs x. (λ, α) is chosen on the validation users'
+with X the training users' inputs x and p EDLAE's dropout emphasis (0: EASE itself;
+`model.ease.ease_from_gram`). (λ, p, α) is chosen on the validation users'
 `evaluate.selection_metric` (NDCG@10 by default; α = 0, "keep the trained branch", is always a
 candidate, so the blend never makes the validation score worse). The result is written into
 the branch's weights: the export, serving and candidates need nothing new, and `generate` is
@@ -20,6 +21,7 @@ unchanged (x = 0).
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -99,8 +101,10 @@ def blend_closed_form(
     lambdas: Sequence[float],
     weights: Sequence[float],
     metric: str,
+    dropouts: Sequence[float] = (0.0,),
 ) -> dict[str, Any]:
-    """Adds α · B_ease(λ) to the model's item-item branch for the best (λ, α) on validation.
+    """Adds α · B_ease(λ, p) to the model's item-item branch for the best (λ, p, α) on
+    validation.
 
     Returns what was chosen and the validation `metric` before and after
     (`validation_<metric>_before`, `validation_<metric>`; written into
@@ -109,36 +113,39 @@ def blend_closed_form(
     branch = model.item_item
     logits, inputs, truth = _validation_arrays(model, spec, validation_split, batch_size)
     if branch is None or not truth or not lambdas:
-        return {"alpha": 0.0, "l2": None}
+        return {"alpha": 0.0, "l2": None, "dropout": 0.0}
     seen = inputs > 0
     key = f"validation_{metric}"
     before = validation_score(logits, seen, truth, metric)
-    best = {"alpha": 0.0, "l2": None, f"{key}_before": before, key: before}
+    best = {"alpha": 0.0, "l2": None, "dropout": 0.0, f"{key}_before": before, key: before}
     best_matrix = None
     gram = gram_matrix(model, spec, train_split, batch_size)
-    for l2 in lambdas:
-        closed_form = ease_from_gram(gram, l2)
+    for l2, dropout in itertools.product(lambdas, dropouts):
+        closed_form = ease_from_gram(gram, l2, dropout)
         linear_scores = inputs @ closed_form
         for alpha in weights:
             if alpha <= 0:
                 continue
             value = validation_score(logits + alpha * linear_scores, seen, truth, metric)
             if value > best[key]:
-                best.update(alpha=float(alpha), l2=float(l2), **{key: value})
+                best.update(alpha=float(alpha), l2=float(l2), dropout=float(dropout),
+                            **{key: value})
                 best_matrix = closed_form
     if best_matrix is not None:
         _add_to_branch(branch, best["alpha"] * best_matrix)
     log.info(
-        "item-item branch: + %.3g × EASE(λ=%s); validation %s %.4f → %.4f",
-        best["alpha"], best["l2"], metric, before, best[key],
+        "item-item branch: + %.3g × EASE(λ=%s, p=%g); validation %s %.4f → %.4f",
+        best["alpha"], best["l2"], best["dropout"], metric, before, best[key],
     )
     return best
 
 
-def add_ease(model: Any, gram: np.ndarray, l2: float, alpha: float) -> None:
-    """Adds α · EASE(λ) of `gram` to the item-item branch: a (λ, α) chosen elsewhere (the
-    serving refit reuses its protocol model's choice on all the data)."""
-    _add_to_branch(model.item_item, alpha * ease_from_gram(gram, l2))
+def add_ease(
+    model: Any, gram: np.ndarray, l2: float, alpha: float, dropout: float = 0.0
+) -> None:
+    """Adds α · EASE(λ, p) of `gram` to the item-item branch: a (λ, p, α) chosen elsewhere
+    (the serving refit reuses its protocol model's choice on all the data)."""
+    _add_to_branch(model.item_item, alpha * ease_from_gram(gram, l2, dropout))
 
 
 def _add_to_branch(branch: Any, matrix: np.ndarray) -> None:

@@ -209,13 +209,13 @@ def _blend(
     model.load_weights(best_weights)
     if fixed is not None:
         gram = gram_matrix(model, spec, data.train, config.train.batch_size, data.fold_targets)
-        add_ease(model, gram, fixed["l2"], fixed["alpha"])
+        add_ease(model, gram, fixed["l2"], fixed["alpha"], fixed.get("dropout", 0.0))
         chosen = dict(fixed)
     else:
         chosen = blend_closed_form(
             model, spec, data.train[0], data.validation, config.train.batch_size,
             config.model.linear_blend_lambdas, config.model.linear_blend_weights,
-            config.evaluate.selection_metric,
+            config.evaluate.selection_metric, config.model.linear_blend_dropouts,
         )
     model.save_weights(best_weights)
     return chosen

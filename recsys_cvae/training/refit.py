@@ -72,7 +72,8 @@ def refit(
     return train(
         features_dir, model_dir, settings,
         data=data,
-        fixed_blend={"alpha": blend["alpha"], "l2": blend["l2"]} if blend else None,
+        fixed_blend={key: blend[key] for key in ("alpha", "l2", "dropout") if key in blend}
+        if blend else None,
         fixed_lift={key: lift[key] for key in CHOICE if key in lift} if lift else None,
         provenance={"refit_of": protocol, "epochs": settings.train.epochs,
                     "beta_cap": settings.train.beta_cap},

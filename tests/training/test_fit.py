@@ -387,7 +387,7 @@ def test_data_size_rules_resolve_only_auto_fields(features_dir):
 
 
 def test_linear_blend_adds_validated_ease_to_the_trained_branch(features_dir, tmp_path):
-    """After training, B_best + α · EASE(λ) is what `load_trained_model` returns, and it
+    """After training, B_best + α · EASE(λ, p) is what `load_trained_model` returns, and it
     scores the validation NDCG@10 the blend reported (never below the best epoch's)."""
     from recsys_cvae.model.ease import ease_from_gram
     from recsys_cvae.training.ease_blend import gram_matrix
@@ -395,16 +395,17 @@ def test_linear_blend_adds_validated_ease_to_the_trained_branch(features_dir, tm
     config = small_config(2, strategy="default")
     config.model.linear_blend_lambdas = [20.0]
     config.model.linear_blend_weights = [5.0]
+    config.model.linear_blend_dropouts = [0.5]
     recorder = RecordWeights()
     result = train(features_dir, str(tmp_path), config, [recorder])
     blend = result["linear_blend"]
-    assert blend["alpha"] == 5.0 and blend["l2"] == 20.0  # a 2-epoch CVAE gains from EASE
+    assert blend["alpha"] == 5.0 and blend["l2"] == 20.0 and blend["dropout"] == 0.5
     assert blend["validation_ndcg@10"] > blend["validation_ndcg@10_before"]
 
     model = load_trained_model(str(tmp_path))
     spec = FeatureSpec.load(features_dir)
     trained_branch = recorder.branches[result["best_epoch"] - 1]
-    closed_form = ease_from_gram(gram_matrix(model, spec, TRAIN, 64), 20.0)
+    closed_form = ease_from_gram(gram_matrix(model, spec, TRAIN, 64), 20.0, 0.5)
     np.testing.assert_allclose(
         model.item_item.weights_matrix.numpy(), trained_branch + 5.0 * closed_form, atol=1e-4
     )

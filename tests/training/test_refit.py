@@ -46,10 +46,11 @@ def test_folded_splits_give_every_interaction_as_history(features_dir):
 def test_refit_trains_the_selected_epochs_on_all_users_and_records_it(features_dir, tmp_path):
     config = small_config(5)
     config.train.beta_anneal_steps = -1  # the default: annealed over the whole run
-    config.model.linear_blend_lambdas = [10.0]  # the selected run chose α = 1 at λ = 10
-    selected = {"best_epoch": 2, "best_beta": 0.01, "linear_blend": {"alpha": 1.0, "l2": 10.0}}
+    config.model.linear_blend_lambdas = [10.0]  # the selected run chose α = 1 at λ = 10, p = 0.33
+    chosen = {"alpha": 1.0, "l2": 10.0, "dropout": 0.33}
+    selected = {"best_epoch": 2, "best_beta": 0.01, "linear_blend": chosen}
     result = refit(features_dir, str(tmp_path), config, "strong", selected)
-    assert result["epochs_run"] == 2 and result["linear_blend"] == {"alpha": 1.0, "l2": 10.0}
+    assert result["epochs_run"] == 2 and result["linear_blend"] == chosen
     with open(os.path.join(tmp_path, "config.json")) as f:
         saved = json.load(f)
     spec = S.FeatureSpec.load(features_dir)
