@@ -7,7 +7,9 @@ signature with the same inputs four ways:
   in-process   `tf.saved_model.load(...).signatures["recommend"](**inputs)`: the limit
   grpc         `python -m serving.server` in its own process, official Predict stubs
   grpc+batch   the same with `--enable-batching` (concurrent requests share model calls)
-  rest         the same server's REST API (`POST /v1/models/recsys_cvae:predict`, row format)
+  rest         the same server's REST API (`POST /v1/models/recsys_cvae:predict`, row format),
+               one keep-alive connection per client thread (as `requests.Session` keeps one)
+  rest+batch   the same against the batching server
 
 at batch 1 and 32 (users per request) and concurrency 1, 8 and 64 (client threads).
 Reported: p50/p99 latency per request (ms), requests/s, errors, and the share of in-process
@@ -168,14 +170,22 @@ def rest_caller(port: int, inputs: dict):
             for i in range(len(inputs["item_ids"]))]
     body = json.dumps({"signature_name": "recommend", "instances": rows},
                       default=lambda b: b.decode()).encode()
+    local = threading.local()  # one HTTP/1.1 connection per client thread, reused
 
     def call():
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        connection.request("POST", "/v1/models/recsys_cvae:predict", body,
-                           {"Content-Type": "application/json"})
-        answer = connection.getresponse()
-        data = answer.read()
-        connection.close()
+        connection = getattr(local, "connection", None)
+        if connection is None:
+            connection = local.connection = http.client.HTTPConnection(
+                "127.0.0.1", port, timeout=30)
+        try:
+            connection.request("POST", "/v1/models/recsys_cvae:predict", body,
+                               {"Content-Type": "application/json"})
+            answer = connection.getresponse()
+            data = answer.read()
+        except (OSError, http.client.HTTPException):
+            connection.close()
+            local.connection = None
+            raise
         if answer.status != 200:
             raise RuntimeError(data[:200])
 
@@ -221,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                     "grpc": grpc_caller(servers[False][1], inputs),
                     "grpc+batch": grpc_caller(servers[True][1], inputs),
                     "rest": rest_caller(servers[False][2], inputs),
+                    "rest+batch": rest_caller(servers[True][2], inputs),
                 }
                 for concurrency in (1, 8, 64):
                     limit = None
@@ -253,13 +264,13 @@ def main(argv: list[str] | None = None) -> int:
         "grpc_batch1_p99_goal_met": max(r["p99_ms"] for r in grpc_b1) <= 10.0,
         "grpc_concurrency8_best_share": best_c8,
         "grpc_concurrency8_goal_met": all(v >= 0.5 for v in best_c8.values()),
-        "rest_concurrency8_share": {b: r["share_of_in_process"] for r in rows
-                                    if r["mode"] == "rest" and r["concurrency"] == 8
-                                    for b in [r["batch"]]},
+        "rest_concurrency8_best_share": {
+            b: max(r["share_of_in_process"] for r in rows if r["mode"].startswith("rest")
+                   and r["batch"] == b and r["concurrency"] == 8) for b in (1, 32)},
         "errors_at_concurrency64": sum(r["errors"] for r in rows if r["concurrency"] == 64),
     }
     goals["rest_concurrency8_goal_met"] = all(
-        v >= 0.5 for v in goals["rest_concurrency8_share"].values())
+        v >= 0.5 for v in goals["rest_concurrency8_best_share"].values())
     print("\nGoals: " + json.dumps(goals))
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(RESULTS, "w") as f:

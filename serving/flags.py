@@ -33,12 +33,14 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         help="also serve the REST API on this port (0: any free port; default: no REST)")
     parser.add_argument(
         "--rest-api-num-threads", type=int, default=0,
-        help="REST connections handled at once; more wait in the listen backlog (TF "
-        "Serving's --rest_api_num_threads; default 0: 4 per CPU)")
+        help="REST requests answered at once, by that many worker threads; open and idle "
+        "keep-alive connections wait without one (TF Serving's --rest_api_num_threads; "
+        "default 0: 4 per CPU)")
     parser.add_argument(
         "--rest-api-timeout-in-ms", type=int, default=30000,
-        help="how long a REST connection may take to send its request, TLS handshake "
-        "included (TF Serving's --rest_api_timeout_in_ms; default 30000)")
+        help="how long a REST connection may stay idle, or take to send a request (TLS "
+        "handshake included), before it is closed (TF Serving's --rest_api_timeout_in_ms; "
+        "default 30000)")
     parser.add_argument(
         "--monitoring-config-file",
         help="TF Serving MonitoringConfig text file; prometheus_config { enable: true } serves "

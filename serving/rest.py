@@ -29,7 +29,6 @@ import threading
 import time
 import urllib.parse
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 from google.protobuf import json_format
@@ -40,6 +39,7 @@ from tensorflow_serving.apis import (
 )
 
 from serving import metrics as M
+from serving.http_connections import KeepAliveHandler, PooledHTTPServer
 from serving.json_tensors import JsonTensorError, request_tensors, response_body
 from serving.servable import DEFAULT_SIGNATURE, RpcError, invalid
 
@@ -67,18 +67,23 @@ _HTTP_STATUS = {
 }
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(KeepAliveHandler):
     model_server = None  # set on the subclass made by RestServer
     metrics_path = None  # the Prometheus page's path, when monitoring is on
+    _body_read = False  # whether this request's body has been read (keep-alive needs it)
 
     def log_message(self, format, *args):  # noqa: A002  (quiet: the gRPC server logs)
         pass
 
     def _reply(self, status: int, body: dict | bytes) -> None:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        if not self.close_connection and not self._body_read and self._has_body():
+            self.close_connection = True  # an unread body would be taken for the next request
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
@@ -92,7 +97,15 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
+    def _has_body(self) -> bool:
+        headers = getattr(self, "headers", None)
+        if headers is None:
+            return False
+        return ("chunked" in (headers.get("Transfer-Encoding") or "").lower()
+                or (headers.get("Content-Length") or "0").strip() != "0")
+
     def _answer(self) -> None:
+        self._body_read = False
         method, path = self.command, urllib.parse.urlsplit(self.path).path
         if self.metrics_path and method == "GET" and path == self.metrics_path:
             return self._metrics_page()
@@ -153,6 +166,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_body(self) -> bytes:
         """The request body: Content-Length or chunked, capped at the server's message size."""
+        self._body_read = True
         cap = self.model_server.max_message_bytes
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
             return self._read_chunked(cap)
@@ -264,57 +278,12 @@ def _proto_json(message) -> dict:
                                      always_print_fields_with_no_presence=True)
 
 
-class _BoundedServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer that survives bursts and slow or idle clients.
-
-    - listen backlog 1024 (socketserver's 5 reset bursts of 64 connections);
-    - at most `max_threads` connections handled at once: the accept loop waits for a free
-      slot, so new connections queue in the backlog instead of each taking a thread;
-    - every connection gets `timeout_s` to send its request (a stalled client frees its slot);
-    - with TLS, the handshake runs in the connection's thread under the same timeout, never in
-      the accept loop, so one idle TCP connection cannot hold up every HTTPS client.
-    """
-
-    request_queue_size = 1024
-    daemon_threads = False
-    block_on_close = True  # server_close() joins the handler threads
-
-    def __init__(self, address, handler, ssl_context, max_threads: int, timeout_s: float):
-        super().__init__(address, handler)
-        self.ssl_context, self.timeout_s = ssl_context, timeout_s
-        self._slots = threading.BoundedSemaphore(max_threads)
-        self.stopping = threading.Event()
-
-    def process_request(self, request, client_address):
-        while not self._slots.acquire(timeout=0.2):  # every slot busy: wait, unless stopping
-            if self.stopping.is_set():
-                self.shutdown_request(request)
-                return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request, client_address):
-        try:
-            request.settimeout(self.timeout_s)
-            if self.ssl_context is not None:
-                try:
-                    request = self.ssl_context.wrap_socket(request, server_side=True)
-                except (OSError, ValueError):  # handshake failed or timed out
-                    self.shutdown_request(request)
-                    return
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-
 class RestServer:
     """Serves TF Serving's REST API for `model_server` on host:port (0 picks a free port).
 
-    With an `ssl_context` (ssl.SSLContext for a server) it speaks HTTPS only. `stop()` waits
-    for requests in flight to be answered (connections are one request each, HTTP/1.0).
+    With an `ssl_context` (ssl.SSLContext for a server) it speaks HTTPS only. HTTP/1.1
+    keep-alive; `num_threads` workers answer requests, however many connections are open
+    (`serving.http_connections`). `stop()` waits for requests in flight to be answered.
     """
 
     def __init__(self, model_server, host: str = "127.0.0.1", port: int = 8501,
@@ -323,7 +292,7 @@ class RestServer:
         handler = type("Handler", (_Handler,), {"model_server": model_server,
                                                 "metrics_path": metrics_path})
         threads = num_threads or 4 * (os.cpu_count() or 1)  # TF Serving's --rest_api_num_threads
-        self._httpd = _BoundedServer((host, port), handler, ssl_context, threads, timeout_s)
+        self._httpd = PooledHTTPServer((host, port), handler, ssl_context, threads, timeout_s)
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="rest-api", daemon=True)
@@ -333,6 +302,4 @@ class RestServer:
         return self.port
 
     def stop(self) -> None:
-        self._httpd.stopping.set()  # an accept loop waiting for a free slot gives up
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        self._httpd.stop()

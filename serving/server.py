@@ -89,8 +89,9 @@ class ModelServer:
         `batch_size` rows, waiting at most `batch_timeout_s` for company.
       ssl_cert, ssl_key: PEM files; when given, gRPC and REST speak TLS only.
       ssl_client_ca: PEM CA; clients must present a certificate it signed (mutual TLS).
-      rest_api_num_threads, rest_api_timeout_s: REST connections handled at once (0: 4 per
-        CPU) and how long each may take to send its request (`rest._BoundedServer`).
+      rest_api_num_threads, rest_api_timeout_s: REST requests answered at once (0: 4 per
+        CPU) and how long a connection may idle or take to send a request
+        (`http_connections.PooledHTTPServer`).
       batching_parameters_file: TF Serving's BatchingParameters text file (with
         enable_batching, instead of batch_size / batch_timeout_s).
       max_num_load_retries, load_retry_interval_s: a version that fails to load is tried
