@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import posixpath
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import apache_beam as beam
@@ -139,15 +140,17 @@ def bucket_summary(bucket, layout_attributes: tuple[str, ...]) -> dict[str, Any]
         "values": values,
         "sample": (even_sample(ts), len(ts)),
         "latest": float(all_ts.max()) if len(all_ts) else -math.inf,
+        "earliest": float(all_ts.min()) if len(all_ts) else math.inf,
     }
 
 
 class MergeSummariesFn(beam.CombineFn):
-    """bucket_summary dicts -> one: kinds scanned, value counts, time samples, latest time."""
+    """bucket_summary dicts -> one: kinds scanned, value counts, time samples, first and
+    latest time."""
 
     def create_accumulator(self):
         return {"scanned": {}, "values": Counter(), "samples": [], "latest": -math.inf,
-                "without_profile": 0}
+                "earliest": math.inf, "without_profile": 0}
 
     def add_input(self, acc, summary):
         return self.merge_accumulators(
@@ -164,6 +167,7 @@ class MergeSummariesFn(beam.CombineFn):
             merged["values"].update(acc["values"])
             merged["samples"].extend(acc["samples"])
             merged["latest"] = max(merged["latest"], acc["latest"])
+            merged["earliest"] = min(merged["earliest"], acc.get("earliest", math.inf))
             merged["without_profile"] += acc.get("without_profile", 0)
         return merged
 
@@ -351,9 +355,18 @@ def check_bad_rows(files: dict[str, dict], max_bad_fraction: float, output_dir: 
         )
 
 
+def time_window(summary: dict) -> dict[str, float] | None:
+    """{"first", "last"} timestamps (seconds) of the interactions read; None without times."""
+    first, last = summary.get("earliest", math.inf), summary["latest"]
+    return {"first": first, "last": last} if math.isfinite(first) else None
+
+
 def feature_spec(
-    summary: dict, layout: L.Layout, config: FeaturesConfig, protocols: list[str]
+    summary: dict, layout: L.Layout, config: FeaturesConfig, protocols: list[str],
+    inputs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> S.FeatureSpec:
+    """The spec of the job's `summary`; `inputs` (role -> `file_digest`) is recorded in
+    `counts["inputs"]` with each file's rows, for the export's provenance."""
     attributes = []
     for name, described in summary["attributes"].items():
         if described["kind"] == S.CATEGORICAL:
@@ -385,6 +398,13 @@ def feature_spec(
         filter_rounds=summary["filter"]["rounds"],
         temporal_cut_timestamp=summary["temporal_cut_timestamp"],
         kind_reasons=summary.get("kind_reasons", {}),
+        time_window=summary.get("time_window"),
+        inputs=[
+            {"role": role, **digest, **{key: files.get(digest["path"], {}).get(key, 0)
+                                        for key in ("rows_read", "rows_valid",
+                                                    "rows_dead_lettered")}}
+            for role, digest in sorted((inputs or {}).items())
+        ],
         users_without_profile=summary.get("users_without_profile"),
         files={
             source: {

@@ -56,6 +56,7 @@ from beam_jobs.options import pipeline_options
 from recsys_cvae import spec as S
 from recsys_cvae.config import ConfigError, FeaturesConfig, load_config
 from recsys_cvae.datasets import layouts as L
+from recsys_cvae.file_digests import file_digest
 
 SUMMARY_FILE = "job_summary.json"
 
@@ -103,6 +104,7 @@ class _WriteSummaryFn(beam.DoFn):
             "users": sum(users for _, _, _, users in stats),
             "filter": {"rounds": state.rounds, "converged": state.converged},
             "temporal_cut_timestamp": cut,
+            "time_window": F.time_window(summary),
             "kind_reasons": F.kind_reasons(summary["scanned"], self.layout),
             "users_without_profile": (
                 summary["without_profile"] if L.USERS in self.layout.paths else None
@@ -266,6 +268,7 @@ def build_features(
     if S.COLD_START not in protocols:  # no attributes: no user is held out for cold start
         config = dataclasses.replace(config, cold_fraction=0.0)
     _clear_outputs(output_dir)
+    inputs = {role: file_digest(path) for role, path in layout.paths.items()}  # provenance
     options = pipeline_options(pipeline_args, save_main_session)
     with test_pipeline or beam.Pipeline(options=options) as pipeline:
         _ = pipeline | "BuildFeatures" >> BuildFeatures(
@@ -274,7 +277,7 @@ def build_features(
 
     summary = json.loads(S.read_text(posixpath.join(output_dir, SUMMARY_FILE)))
     _check_summary(summary, layout, config, output_dir)
-    spec = feature_spec(summary, layout, config, protocols)
+    spec = feature_spec(summary, layout, config, protocols, inputs)
     spec.save(output_dir)
     if not quiet:
         print(format_summary(spec, output_dir))

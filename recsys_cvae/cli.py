@@ -127,6 +127,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="skip reloading the export in a fresh process and comparing outputs",
     )
+    _add_policy(p)
     _add_protocols(p)
     _add_common(p)
 
@@ -189,6 +190,20 @@ def _add_scoring_commands(sub: argparse._SubParsersAction) -> None:
     )
     _add_common(p)
 
+    p = sub.add_parser(
+        "monitor", help="compare what a model recommends with a reference (item drift, "
+        "coverage, exposure, scores, per segment); exit 3 when a check fails")
+    p.add_argument("--reference", required=True,
+                   help="candidates folder (e.g. WORKDIR/candidates/cvae, Parquet) or request "
+                   "log folder/prefix (TFRecord PredictionLogs) of the version you trust")
+    p.add_argument("--current", required=True, help="the same for the output to check")
+    p.add_argument("--users", default="",
+                   help="users CSV (id first) giving candidates their attribute segments; "
+                   "request logs carry the attributes the calls sent")
+    p.add_argument("--out", help="where monitor.json and monitor.html go (default: "
+                   "WORKDIR/monitor); thresholds: the config's [monitor] table")
+    _add_common(p)
+
 
 def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     """pipeline, demo: every stage in order."""
@@ -198,6 +213,7 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
         help="input folder (MovieLens or generic CSV); without it, built-in synthetic data",
     )
     _add_synthetic_flags(p)
+    _add_policy(p)
     _add_protocols(p)
     _add_common(p)
 
@@ -205,6 +221,14 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     _add_synthetic_flags(p, users=3000, items=500)
     _add_protocols(p)
     _add_common(p, workdir_default=DEMO_WORKDIR)
+
+
+def _add_policy(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--policy", metavar="POLICY.toml",
+        help="bake a serving policy into every signature of the export: [deny] items = [...] "
+        "never recommended, and [[rules]] removing item categories for users with given "
+        "attribute values (see README, Governance; default: export.policy, none)")
 
 
 def _add_protocols(parser: argparse.ArgumentParser) -> None:
@@ -247,6 +271,8 @@ def _resolve_config(args: argparse.Namespace) -> Config:
         overrides.append(f"train.protocols={args.protocols}")
     if getattr(args, "top_k", None) is not None:
         overrides.append(f"export.top_k={args.top_k}")
+    if getattr(args, "policy", None):
+        overrides.append(f"export.policy={os.path.abspath(args.policy)}")
     if getattr(args, "no_verify", False):
         overrides.append("export.verify=false")
     if getattr(args, "verify", False):
@@ -284,6 +310,14 @@ def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
     if args.command == "serve":
         run_serve(args, workdir_from_args(args))
         return 0
+    if args.command == "monitor":
+        with _native_stderr_hidden(not args.debug):  # candidates and logs read through TF
+            import tensorflow  # noqa: F401
+
+            from recsys_cvae.monitoring.run import run_monitor  # deferred: TensorFlow
+
+        out = args.out or os.path.join(args.workdir, "monitor")
+        return run_monitor(args.reference, args.current, out, config.monitor, args.users)
     if args.command == "query":
         print(run_query(args, workdir_from_args(args)), flush=True)
         return 0
@@ -312,13 +346,17 @@ def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
     elif args.command == "baselines":
         print("wrote baselines:", ", ".join(stages.run_baselines(beam_jobs(), work, config)))
     elif args.command == "evaluate":
-        stages.print_metrics(stages.run_evaluate(work, config, args.data_dir or ""))
+        metrics = stages.run_evaluate(work, config, args.data_dir or "")
+        stages.run_model_cards(work, config, None, metrics)
+        stages.print_metrics(metrics)
         stages.print_report_location(work)
     elif args.command in ("pipeline", "demo"):
         data_dir = getattr(args, "data_dir", None) or stages.write_demo_data(
             work, args.synthetic_users, args.synthetic_items, args.synthetic_seed
         )
         stages.run_pipeline(beam_jobs(), data_dir, work, config, beam_args)
+        if args.command == "demo":
+            stages.run_demo_monitor(work, config)
     return 0
 
 

@@ -16,6 +16,7 @@ graph), the same proto TF Serving validates against and returns from GetModelMet
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -84,6 +85,33 @@ def load_servable(path: str, version: int) -> Servable:
         signature_defs=dict(graphs[0].signature_def),
         loaded=loaded,
     )
+
+
+# assets.extra/provenance.json, written by recsys-cvae's export; read only to log a line, and
+# only up to this size (an export is trusted less than the code reading it)
+_PROVENANCE_MAX_BYTES = 1 << 20
+
+
+def provenance_summary(path: str) -> str:
+    """One line of the version's `assets.extra/provenance.json` for the load log (created,
+    code commit, users trained on, the feature spec's hash); "" when it has none."""
+    file = os.path.join(path, "assets.extra", "provenance.json")
+    try:
+        if tf.io.gfile.stat(file).length > _PROVENANCE_MAX_BYTES:
+            return "provenance.json too large to read"
+        with tf.io.gfile.GFile(file) as f:
+            facts = json.load(f)
+        code, trained = facts.get("code") or {}, facts.get("trained_on") or {}
+        commit = code.get("git_commit")
+        parts = [f"created {facts.get('created')}",
+                 f"recsys-cvae {code.get('version')}"
+                 + (f" @ {commit[:12]}{'+changes' if code.get('git_dirty') else ''}"
+                    if commit else ""),
+                 f"trained on {trained.get('users')} users",
+                 f"feature spec sha256 {(facts.get('features') or {}).get('feature_spec_sha256')}"]
+        return "; ".join(parts)
+    except (tf.errors.NotFoundError, OSError, ValueError, AttributeError, TypeError):
+        return ""
 
 
 def _tensor_from_proto(

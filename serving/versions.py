@@ -34,7 +34,15 @@ import tensorflow as tf
 from tensorflow_serving.apis import get_model_status_pb2
 
 from serving import metrics as M
-from serving.servable import RpcError, Servable, first_line, invalid, load_servable, warm_up
+from serving.servable import (
+    RpcError,
+    Servable,
+    first_line,
+    invalid,
+    load_servable,
+    provenance_summary,
+    warm_up,
+)
 
 log = logging.getLogger(__name__)
 State = get_model_status_pb2.ModelVersionStatus.State
@@ -164,7 +172,9 @@ class ModelVersions:
         M.WARMUP_LATENCY.add((time.perf_counter() - started) * 1e6, path, "OK")
         self._loaded = {**self._loaded, version: servable}  # one assignment: atomic switch
         self._states[version] = (State.AVAILABLE, 0, "")
-        log.info("serving %s version %d (%d warmup requests)", self.name, version, warmed)
+        provenance = provenance_summary(path)
+        log.info("serving %s version %d (%d warmup requests)%s", self.name, version, warmed,
+                 f"; {provenance}" if provenance else "")
 
     def _load_failed(self, stamp: tuple[int, int], code: int, message: str) -> None:
         attempts = self._failed.get(stamp, (0, 0.0))[0] + 1

@@ -66,7 +66,8 @@ def pipeline_run(tmp_path_factory) -> tuple[str, subprocess.CompletedProcess]:
 def test_pipeline_prints_durations_and_metrics(pipeline_run):
     workdir, result = pipeline_run
     assert "Stage durations" in result.stdout
-    for stage in ("features", "train", "export", "candidates", "baselines", "evaluate"):
+    for stage in ("features", "train", "export", "candidates", "baselines", "evaluate",
+                  "model card"):
         assert f"| {stage} |" in result.stdout
     assert "Metrics on the test users" in result.stdout
     html = os.path.join(workdir, "report", "report.html")
@@ -84,6 +85,25 @@ def test_cvae_beats_popularity_on_held_out_users(pipeline_run):
     assert cold[cvae]["ndcg@10"] > cold["popularity"]["ndcg@10"], cold
     # One CVAE per protocol: every protocol's test split has a CVAE row.
     assert all(cvae in metrics["splits"][split] for split in metrics["protocols"].values())
+
+
+def test_the_served_export_carries_its_evaluated_provenance_and_model_card(pipeline_run):
+    workdir, result = pipeline_run
+    assets = os.path.join(workdir, "export", "1", "assets.extra")
+    with open(os.path.join(assets, "provenance.json")) as f:
+        provenance = json.load(f)
+    with open(os.path.join(workdir, "report", "metrics.json")) as f:
+        metrics = json.load(f)
+    assert provenance["trained_on"]["refit_of"] == "strong"
+    assert set(provenance["evaluation"]) == set(metrics["protocols"])
+    strong = provenance["evaluation"]["strong"]
+    assert strong["test"]["cvae"]["ndcg@10"] == metrics["splits"]["test"]["cvae"]["ndcg@10"]
+    assert strong["validation"]["ndcg@10"] > 0
+    card = os.path.join(assets, "model_card.html")
+    assert f"Model card of the served export: {card}" in result.stdout
+    with open(os.path.join(assets, "model_card.md")) as f:
+        text = f.read()
+    assert "## Per-group quality" in text and "Not evaluated yet" not in text
 
 
 def test_export_honours_the_signature_contract_in_a_fresh_process(pipeline_run):

@@ -181,8 +181,8 @@ def test_bad_files_and_settings_are_refused_in_one_line(tmp_path, case):
 def test_a_whole_pipeline_without_a_users_file_from_a_users_folder(tmp_path):
     """No users.csv: features, training, export, candidates and the report all run (no cold
     split, so no cold-start candidates), the output holds no progress-bar redraws, and the
-    run ends pointing at the HTML report. (~30 s: the one pipeline run of the default suite
-    on a user's own files.)"""
+    run ends pointing at the HTML report and the served export's model card. (~30 s: the one
+    pipeline run of the default suite on a user's own files.)"""
     data = tmp_path / "data"
     data.mkdir()
     (data / "interactions.csv").write_text(interactions_csv())
@@ -191,7 +191,9 @@ def test_a_whole_pipeline_without_a_users_file_from_a_users_folder(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "\r" not in result.stdout and "\r" not in result.stderr
     assert "Traceback" not in result.stderr and "absl::InitializeLog" not in result.stderr
-    assert result.stdout.rstrip().splitlines()[-1].startswith(
-        f"Report: {tmp_path / 'run' / 'report' / 'report.html'}")
+    report, card = result.stdout.rstrip().splitlines()[-2:]
+    assert report.startswith(f"Report: {tmp_path / 'run' / 'report' / 'report.html'}")
+    assert card == ("Model card of the served export: "
+                    f"{tmp_path / 'run' / 'export' / '1' / 'assets.extra' / 'model_card.html'}")
     assert (tmp_path / "run" / "export" / "1" / "saved_model.pb").exists()
     assert not list((tmp_path / "run" / "candidates" / "cvae").glob("cold-*"))  # no cold split

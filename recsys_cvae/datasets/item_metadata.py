@@ -25,6 +25,15 @@ CATEGORY_COLUMNS = ("genres", "genre", "categories", "category")
 def item_categories(items: Sequence[str], source: str) -> np.ndarray | None:
     """[num_items, c] 0/1 category matrix from an items file or a data folder; None if the
     source has no items table or no category column. Categories are `|`-separated."""
+    table = item_category_table(items, source)
+    return None if table is None else table[1]
+
+
+def item_category_table(
+    items: Sequence[str], source: str
+) -> tuple[list[str], np.ndarray] | None:
+    """(category labels, sorted; [num_items, len(labels)] 0/1 matrix), or None as
+    `item_categories`: the export's policy names categories by label."""
     if not source:
         return None
     data_dir = source if os.path.isdir(source) else os.path.dirname(source)
@@ -45,4 +54,4 @@ def item_categories(items: Sequence[str], source: str) -> np.ndarray | None:
         for g in metadata.get(item, {}).get(column, "").split("|"):
             if g in position:
                 matrix[i, position[g]] = 1.0
-    return matrix
+    return labels, matrix

@@ -17,6 +17,12 @@ Signatures (K = min(`ExportConfig.top_k`, num_items), fixed at export):
          scores      tf.float32 [batch, K]
     generate     the attribute inputs only (cold start, what-if) -> item_ids, scores
     encode       the recommend inputs -> z_mean, z_log_var  tf.float32 [batch, latent_dim]
+    recommend_excluding, generate_excluding
+                 as recommend / generate, plus exclude_item_ids tf.string [batch, m]: items
+                 never returned for that request (existing clients keep their inputs)
+
+With a policy (`export.policy`, `recsys_cvae.export.policy`) every ranking signature also
+leaves out the items it forbids for each user, in the graph.
 
 The attribute inputs are the raw profile columns a caller holds (`spec.serving_inputs`), not
 the model's attributes: an attribute the feature job derived from a column (ML-100K's
@@ -46,7 +52,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import posixpath
 import re
 import uuid
@@ -59,6 +64,10 @@ from tensorflow.python.trackable.resource import CapturableResource
 from recsys_cvae import spec as S
 from recsys_cvae.config import ExportConfig
 from recsys_cvae.derivations import derive_tensor
+from recsys_cvae.export.model_card import write_model_card
+from recsys_cvae.export.policy import POLICY_FILE, Policy, load_policy
+from recsys_cvae.export.provenance import build_provenance, write_provenance
+from recsys_cvae.export.warmup import write_warmup_requests
 from recsys_cvae.model.catalogue_top_k import ONE_PIECE_MAX_LOGITS, catalogue_top_k, uses_chunks
 from recsys_cvae.model.model_dir import METRICS_FILE, load_trained_model, read_trained_on
 
@@ -67,10 +76,14 @@ logger = logging.getLogger(__name__)
 RECOMMEND = "recommend"
 GENERATE = "generate"
 ENCODE = "encode"
+RECOMMEND_EXCLUDING = "recommend_excluding"
+GENERATE_EXCLUDING = "generate_excluding"
 SERVING_DEFAULT = "serving_default"
-SIGNATURES = (SERVING_DEFAULT, RECOMMEND, GENERATE, ENCODE)
+SIGNATURES = (SERVING_DEFAULT, RECOMMEND, GENERATE, ENCODE, RECOMMEND_EXCLUDING,
+              GENERATE_EXCLUDING)
 
 HISTORY_INPUT = "item_ids"  # the history input of recommend/encode
+EXCLUDE_INPUT = "exclude_item_ids"  # the *_excluding signatures' request-level exclusions
 ITEM_IDS = "item_ids"
 SCORES = "scores"
 Z_MEAN = "z_mean"
@@ -125,6 +138,7 @@ class ServingModule(tf.Module):
         top_k: int,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         one_piece_max_logits: int = ONE_PIECE_MAX_LOGITS,
+        policy: Policy | None = None,
     ) -> None:
         super().__init__(name="recsys_cvae_serving")
         if top_k < 1:
@@ -147,6 +161,7 @@ class ServingModule(tf.Module):
         self.top_k = min(int(top_k), len(item_ids))
         self.chunk_size = int(chunk_size) if uses_chunks(model, int(chunk_size)) else 0
         self.one_piece_max_logits = int(one_piece_max_logits)
+        self.policy = NoDependency(policy)  # constants in the graph, not saved state
         # [num_items] tf.string; row i of the decoder output is item_vocabulary[i].
         self.item_vocabulary = tf.Variable(
             item_ids, dtype=tf.string, trainable=False, name="item_vocabulary"
@@ -154,6 +169,8 @@ class ServingModule(tf.Module):
         self.recommend = tf.function(self._recommend)
         self.generate = tf.function(self._generate)
         self.encode = tf.function(self._encode)
+        self.recommend_excluding = tf.function(self._recommend)
+        self.generate_excluding = tf.function(self._generate)
 
     # ---- input specs -------------------------------------------------------------------
 
@@ -169,15 +186,28 @@ class ServingModule(tf.Module):
         history = {HISTORY_INPUT: tf.TensorSpec([None, None], tf.string, HISTORY_INPUT)}
         return {**history, **self.attribute_specs()}
 
+    @staticmethod
+    def exclude_spec() -> dict[str, tf.TensorSpec]:
+        return {EXCLUDE_INPUT: tf.TensorSpec([None, None], tf.string, EXCLUDE_INPUT)}
+
+    def input_specs(self) -> dict[str, dict[str, tf.TensorSpec]]:
+        """Signature name -> its input specs (serving_default is recommend's twin)."""
+        return {
+            RECOMMEND: self.recommend_specs(),
+            GENERATE: self.attribute_specs(),
+            ENCODE: self.recommend_specs(),
+            RECOMMEND_EXCLUDING: {**self.recommend_specs(), **self.exclude_spec()},
+            GENERATE_EXCLUDING: {**self.attribute_specs(), **self.exclude_spec()},
+        }
+
     def signatures(self) -> dict[str, Any]:
         """Concrete functions keyed by signature name, for `tf.saved_model.save`."""
-        recommend = self.recommend.get_concrete_function(self.recommend_specs())
-        return {
-            SERVING_DEFAULT: recommend,
-            RECOMMEND: recommend,
-            GENERATE: self.generate.get_concrete_function(self.attribute_specs()),
-            ENCODE: self.encode.get_concrete_function(self.recommend_specs()),
-        }
+        functions = {RECOMMEND: self.recommend, GENERATE: self.generate, ENCODE: self.encode,
+                     RECOMMEND_EXCLUDING: self.recommend_excluding,
+                     GENERATE_EXCLUDING: self.generate_excluding}
+        concrete = {name: functions[name].get_concrete_function(specs)
+                    for name, specs in self.input_specs().items()}
+        return {SERVING_DEFAULT: concrete[RECOMMEND], **concrete}
 
     # ---- signature bodies --------------------------------------------------------------
 
@@ -195,25 +225,46 @@ class ServingModule(tf.Module):
 
     def _recommend(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         features = self._model_features(inputs, history=True)
-        return self._top_k(features, from_history=True)
+        return self._top_k(features, from_history=True, inputs=inputs)
 
     def _generate(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         features = self._model_features(inputs, history=False)
-        return self._top_k(features, from_history=False)
+        return self._top_k(features, from_history=False, inputs=inputs)
+
+    def _excluded(self, inputs: dict[str, tf.Tensor], from_history: bool) -> tf.Tensor | None:
+        """`[batch, m]` item indices to leave out besides the history: the policy's for each
+        user, and the request's `exclude_item_ids` (unknown ids and "" are ignored)."""
+        parts = []
+        if EXCLUDE_INPUT in inputs:
+            parts.append(self.model.history_indices(inputs[EXCLUDE_INPUT]))
+        policy = self.policy
+        if policy is not None and (policy.deny or policy.rules):
+            if from_history:
+                batch = tf.shape(inputs[HISTORY_INPUT])[0]
+            elif self.inputs:
+                batch = tf.shape(inputs[self.inputs[0].name])[0]
+            else:
+                batch = tf.constant(1)  # generate without attributes answers one row
+            parts.append(policy.exclusions(inputs, batch))
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
 
     def _encode(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         z_mean, z_log_var = self.model.encode(self._model_features(inputs, history=True))
         return {Z_MEAN: z_mean, Z_LOG_VAR: z_log_var}
 
-    def _top_k(self, features: dict[str, tf.Tensor], from_history: bool) -> dict[str, tf.Tensor]:
-        """Top-K items by log-softmax score, history items removed when `from_history`.
+    def _top_k(self, features: dict[str, tf.Tensor], from_history: bool,
+               inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """Top-K items by log-softmax score, history items removed when `from_history`,
+        and the policy's and the request's exclusions (`_excluded`) always.
 
         Returns item_ids tf.string [batch, K] and scores tf.float32 [batch, K], best first;
         positions left over after exclusion hold "" and -inf.
         """
         scores, indices = catalogue_top_k(
             self.model, features, self.top_k, self.chunk_size, from_history,
-            self.one_piece_max_logits,
+            self.one_piece_max_logits, excluded=self._excluded(inputs, from_history),
         )
         item_ids = tf.gather(self.item_vocabulary, indices)
         item_ids = tf.where(tf.math.is_inf(scores), tf.constant(""), item_ids)
@@ -222,10 +273,10 @@ class ServingModule(tf.Module):
 
 def _check_input_names(inputs: tuple[S.ServingInput, ...]) -> None:
     for serving_input in inputs:
-        if serving_input.name == HISTORY_INPUT:
+        if serving_input.name in (HISTORY_INPUT, EXCLUDE_INPUT):
             raise ExportError(
-                f"attribute input {serving_input.name!r} clashes with the history input of the "
-                "serving signatures; rename the users-table column"
+                f"attribute input {serving_input.name!r} clashes with the history or exclusion "
+                "input of the serving signatures; rename the users-table column"
             )
         if not _INPUT_NAME.match(serving_input.name):
             raise ExportError(
@@ -244,10 +295,20 @@ def export_model(model_dir: str, export_base: str, config: ExportConfig) -> str:
     `verify_export` when `config.verify` is set (as `recsys-cvae export` does).
     """
     metrics = posixpath.join(model_dir, METRICS_FILE)
-    return write_export(load_trained_model(model_dir), export_base, config.top_k,
+    model = load_trained_model(model_dir)
+    provenance = build_provenance(model_dir)
+    policy = None
+    if config.policy:
+        items_file = next((i["path"] for i in provenance["data"]["inputs"]
+                           if i["role"] == "items"), "")
+        policy = load_policy(
+            config.policy, list(model.item_ids),
+            {i.name: i.is_categorical for i in S.serving_inputs(model.spec)}, items_file)
+    return write_export(model, export_base, config.top_k,
                         training_metrics=metrics if tf.io.gfile.exists(metrics) else None,
                         chunk_size=config.top_k_chunk_size,
-                        trained_on=read_trained_on(model_dir))
+                        trained_on=read_trained_on(model_dir),
+                        provenance=provenance, policy=policy)
 
 
 def write_export(
@@ -257,17 +318,19 @@ def write_export(
     training_metrics: str | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     trained_on: dict | None = None,
+    provenance: dict | None = None,
+    policy: Policy | None = None,
 ) -> str:
     """Saves `ServingModule(model, top_k, chunk_size)` atomically as the next version under
     `export_base`.
 
     The SavedModel (plus `assets.extra/`: the feature spec, the vocabularies, warmup requests,
-    `export_info.json` with `trained_on`, what fitted the model, and a copy of
-    `training_metrics` if given) is written to
+    `export_info.json` with `trained_on`, what fitted the model, a copy of
+    `training_metrics`, `provenance.json` and `policy.json` if given) is written to
     `export_base/.tmp-export-<uuid>` and renamed to `export_base/<max existing integer
     version + 1>` (1 for an empty base).
     """
-    module = ServingModule(model, top_k, chunk_size)
+    module = ServingModule(model, top_k, chunk_size, policy=policy)
     tf.io.gfile.makedirs(export_base)
     temp_dir = posixpath.join(export_base, f"{TEMP_PREFIX}{uuid.uuid4().hex}")
     try:
@@ -280,6 +343,13 @@ def write_export(
         if training_metrics is not None:
             tf.io.gfile.copy(training_metrics, posixpath.join(
                 temp_dir, ASSETS_EXTRA, posixpath.basename(training_metrics)))
+        if policy is not None:
+            S.write_text(posixpath.join(temp_dir, ASSETS_EXTRA, POLICY_FILE), json.dumps(
+                policy.to_json(module.model.item_ids), indent=2) + "\n")
+        if provenance is not None:
+            write_provenance(temp_dir, {
+                **provenance, "policy": None if policy is None else policy.summary()})
+            write_model_card(temp_dir)
         export_dir = _rename_to_next_version(temp_dir, export_base)
     except Exception:
         if tf.io.gfile.exists(temp_dir):
@@ -332,38 +402,4 @@ def _write_assets_extra(module: ServingModule, directory: str, trained_on: dict)
         "trained_on": trained_on,
     }
     S.write_text(posixpath.join(directory, EXPORT_INFO_FILE), json.dumps(info, indent=2) + "\n")
-    _write_warmup_requests(module, posixpath.join(directory, WARMUP_FILE))
-
-
-def _write_warmup_requests(module: ServingModule, path: str) -> None:
-    """One PredictRequest per signature (one user: no history, unknown attribute inputs,
-    named as the raw columns the signatures take).
-
-    TF Serving replays `assets.extra/tf_serving_warmup_requests` at load time, so the first
-    real request does not pay for graph initialisation. `model_spec.name` is left empty on
-    purpose: TF Serving's saved_model_warmup_util runs every record against the version
-    being loaded, whatever name it carries, so one export warms up under any --model_name.
-    """
-    try:
-        from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
-    except ImportError:
-        logger.warning("tensorflow-serving-api is not installed; no warmup requests written")
-        return
-    attributes = {
-        i.name: tf.make_tensor_proto([""] if i.is_categorical else [math.nan],
-                                     tf.string if i.is_categorical else tf.float32)
-        for i in module.inputs
-    }
-    history = {HISTORY_INPUT: tf.make_tensor_proto([[""]], tf.string)}
-    with tf.io.TFRecordWriter(path) as writer:
-        for signature in (RECOMMEND, GENERATE, ENCODE):
-            request = predict_pb2.PredictRequest(
-                model_spec=model_pb2.ModelSpec(signature_name=signature)
-            )
-            inputs = attributes if signature == GENERATE else {**history, **attributes}
-            for name, proto in inputs.items():
-                request.inputs[name].CopyFrom(proto)
-            log = prediction_log_pb2.PredictionLog(
-                predict_log=prediction_log_pb2.PredictLog(request=request)
-            )
-            writer.write(log.SerializeToString())
+    write_warmup_requests(posixpath.join(directory, WARMUP_FILE), module.input_specs())

@@ -25,14 +25,18 @@ import tensorflow as tf
 
 from recsys_cvae import spec as S
 from recsys_cvae import user_records as UR
+from recsys_cvae.export.policy import POLICY_FILE, Policy
 from recsys_cvae.export.saved_model import (
     ASSETS_EXTRA,
     ENCODE,
+    EXCLUDE_INPUT,
     EXPORT_INFO_FILE,
     GENERATE,
+    GENERATE_EXCLUDING,
     HISTORY_INPUT,
     ITEM_IDS,
     RECOMMEND,
+    RECOMMEND_EXCLUDING,
     SCORES,
     SERVING_DEFAULT,
     Z_LOG_VAR,
@@ -60,7 +64,8 @@ def verify_export(export_dir: str, model_dir: str, num_users: int = 16) -> dict:
     """
     model = load_trained_model(model_dir)
     info = read_export_info(export_dir)
-    cases = build_cases(model, _verification_users(model.spec, num_users), info["top_k"])
+    cases = build_cases(model, _verification_users(model.spec, num_users), info["top_k"],
+                        read_export_policy(export_dir, list(model.item_ids)))
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="verify-export-") as tmp:
         cases_path = os.path.join(tmp, "cases.json")
@@ -90,6 +95,14 @@ def read_export_info(export_dir: str) -> dict:
         ) from None
     except json.JSONDecodeError as error:
         raise ExportError(f"{path}: not valid JSON ({error})") from None
+
+
+def read_export_policy(export_dir: str, item_ids: list[str]) -> Policy | None:
+    """The policy baked into the export (`assets.extra/policy.json`), or None."""
+    path = posixpath.join(export_dir, ASSETS_EXTRA, POLICY_FILE)
+    if not tf.io.gfile.exists(path):
+        return None
+    return Policy.from_json(json.loads(S.read_text(path)), item_ids)
 
 
 def run_verifier(export_dir: str, cases_path: str) -> dict:
@@ -131,8 +144,11 @@ def _verification_users(spec: S.FeatureSpec, num_users: int) -> list[dict]:
     return users
 
 
-def build_cases(model: tf.keras.Model, users: list[dict], top_k: int) -> dict:
-    """Inputs and expected outputs of every signature for `users` (decoded records).
+def build_cases(
+    model: tf.keras.Model, users: list[dict], top_k: int, policy: Policy | None = None
+) -> dict:
+    """Inputs and expected outputs of every signature for `users` (decoded records), with
+    `policy`'s items removed (computed with its numpy `mask`, not the graph's test).
 
     Two edge cases are appended: a history of one known id, an unknown id and "" padding
     with every attribute input unknown; and an all-padding history. When the spec has
@@ -177,17 +193,28 @@ def build_cases(model: tf.keras.Model, users: list[dict], top_k: int) -> dict:
     history_features = {**features, S.HISTORY: tf.constant(history, tf.string)}
 
     index = {item: i for i, item in enumerate(item_ids)}
-    seen = np.zeros((len(rows), len(item_ids)), dtype=bool)
-    for r, ids in enumerate(history):
-        seen[r, [index[i] for i in ids if i in index]] = True
-    recommend = _expected_top_k(
-        model.recommend_logits(history_features).numpy(), seen, item_ids, top_k
-    )
+    seen = _marked(history, index, len(item_ids))
+    recommend_logits = model.recommend_logits(history_features).numpy()
     # Without attributes, generate has no inputs and answers one row: [1, num_items].
     generate_logits = model.generate_logits(features).numpy()
+
+    def removed(rows_: int) -> np.ndarray:
+        if policy is None:
+            return np.zeros((rows_, len(item_ids)), dtype=bool)
+        return policy.mask(input_values, rows_, len(item_ids))
+
+    recommend = _expected_top_k(recommend_logits, seen | removed(len(rows)), item_ids, top_k)
     generate = _expected_top_k(
-        generate_logits, np.zeros(generate_logits.shape, bool), item_ids, top_k
-    )
+        generate_logits, removed(generate_logits.shape[0]), item_ids, top_k)
+    # Request-level exclusions: each row's best answer, an unknown id and padding.
+    exclude = [[ids[0], "no-such-item-id", ""] for ids in recommend["expected"][ITEM_IDS]]
+    excluded = _marked(exclude, index, len(item_ids))
+    recommend_excluding = _expected_top_k(
+        recommend_logits, seen | removed(len(rows)) | excluded, item_ids, top_k)
+    generate_exclude = exclude[:generate_logits.shape[0]]
+    generate_excluding = _expected_top_k(
+        generate_logits, removed(generate_logits.shape[0]) | excluded[:len(generate_exclude)],
+        item_ids, top_k)
     z_mean, z_log_var = model.encode(history_features)
 
     recommend_inputs = {HISTORY_INPUT: history, **input_values}
@@ -203,8 +230,20 @@ def build_cases(model: tf.keras.Model, users: list[dict], top_k: int) -> dict:
             ENCODE: {"inputs": recommend_inputs,
                      "expected": {Z_MEAN: z_mean.numpy().tolist(),
                                   Z_LOG_VAR: z_log_var.numpy().tolist()}},
+            RECOMMEND_EXCLUDING: {"inputs": {**recommend_inputs, EXCLUDE_INPUT: exclude},
+                                  **recommend_excluding},
+            GENERATE_EXCLUDING: {"inputs": {**input_values, EXCLUDE_INPUT: generate_exclude},
+                                 **generate_excluding},
         },
     }
+
+
+def _marked(lists: list[list[str]], index: dict[str, int], num_items: int) -> np.ndarray:
+    """`[len(lists), num_items]` bool of the known ids in each list."""
+    marked = np.zeros((len(lists), num_items), dtype=bool)
+    for r, ids in enumerate(lists):
+        marked[r, [index[i] for i in ids if i in index]] = True
+    return marked
 
 
 def _raw_spelling(value: str) -> str:

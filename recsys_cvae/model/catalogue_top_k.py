@@ -65,8 +65,9 @@ def catalogue_top_k(
     chunk_size: int,
     from_history: bool = True,
     one_piece_max_logits: int = ONE_PIECE_MAX_LOGITS,
+    excluded: tf.Tensor | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """The K best items for each user of `features`, history items excluded.
+    """The K best items for each user of `features`, history items (and `excluded`) left out.
 
     Args:
       model: a `recsys_cvae.model.CVAE`.
@@ -77,10 +78,14 @@ def catalogue_top_k(
       from_history: `recommend` (posterior mean, history excluded) or `generate` (prior
         mean from the attributes alone, nothing excluded).
       one_piece_max_logits: calls with at most this many logits rank in one piece anyway.
+      excluded: `[batch, m]` int32 item indices also left out (−1: none): the export's
+        policy and a request's exclusion list. Removed like history items; log Z still
+        covers the whole catalogue.
 
     Returns: scores `[batch, k]` float32 (log softmax over the whole catalogue, −∞ where
     fewer than k items are left) and item indices `[batch, k]` int32, best first.
     """
+    num_items = len(model.item_ids)
     if not uses_chunks(model, chunk_size):
         if from_history:
             logits = model.recommend_logits(features)
@@ -88,14 +93,18 @@ def catalogue_top_k(
         else:
             logits = model.generate_logits(features)
             exclude = tf.zeros_like(logits)
+        if excluded is not None:
+            exclude = tf.maximum(tf.cast(exclude, tf.float32),
+                                 _history_mask(excluded, 0, num_items))
         return full_top_k(logits, exclude, k)
-    num_items = len(model.item_ids)
     hidden, kernel, bias = model.output_factors(features, from_history)  # logits = h·Eᵀ + b
     batch = tf.shape(hidden)[0]
     if from_history:
-        history = model.history_indices(features[HISTORY])
+        history = tf.cast(model.history_indices(features[HISTORY]), tf.int32)
     else:
         history = tf.fill([batch, 0], -1)
+    if excluded is not None:
+        history = tf.concat([history, tf.cast(excluded, tf.int32)], axis=1)
 
     def one_piece():
         logits = ItemLogits.rows(hidden, kernel, bias)

@@ -11,8 +11,9 @@ and blended with it after training (`training.ease_blend`), and the EASE baselin
 
 EDLAE's Λ is what training a zero-diagonal linear autoencoder on inputs dropped out at rate p
 regularises with, in expectation: popular items (large diag(XᵀX)) are shrunk more than a
-single λ can. The EASE baseline keeps p = 0; the blend tries both (on ML-100K's deployment
-split EDLAE ranks 0.5–0.8% better than EASE at its best λ).
+single λ can. The EASE baseline keeps p = 0; the CVAE's blend can try p > 0
+(`model.linear_blend_dropouts`; alone, EDLAE ranks ML-100K's deployment split 0.5–0.8% better
+than EASE, but blended with the CVAE it did not beat the EASE blend, so it is off by default).
 """
 
 from __future__ import annotations

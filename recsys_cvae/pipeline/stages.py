@@ -19,7 +19,11 @@ from recsys_cvae.config import Config
 from recsys_cvae.datasets.synthetic import write_synthetic
 from recsys_cvae.evaluation.evaluate import HTML_FILE, REPORT_FILE, evaluate
 from recsys_cvae.evaluation.report import coinciding_notes, format_table
+from recsys_cvae.export.model_card import write_model_card
+from recsys_cvae.export.provenance import read_provenance, record_evaluation
+from recsys_cvae.export_layout import newest_export
 from recsys_cvae.model.model_dir import read_training_record
+from recsys_cvae.monitoring.run import run_monitor
 from recsys_cvae.pipeline import cvae_runs
 from recsys_cvae.pipeline.multvae_run import NAME as MULTVAE
 from recsys_cvae.pipeline.multvae_run import build_multvae
@@ -110,16 +114,48 @@ def run_evaluate(work: Workdir, config: Config, data_dir: str = "") -> dict:
     )
 
 
+def run_model_cards(work: Workdir, config: Config, exports: dict[str, str] | None,
+                    metrics: dict) -> list[str]:
+    """Adds the evaluation to every export's provenance and rewrites its model card (before
+    anything serves them); returns the cards' HTML paths. `exports` (label -> version
+    folder, as `run_export` returns) defaults to each planned model's newest export."""
+    models = planned_models(work, config)
+    protocol_models = {m.protocol: m.model_dir for m in models if not m.refit}
+    if exports is None:
+        exports = {m.label: newest_export(m.export_base) for m in models}
+    pages = []
+    for export_dir in filter(None, exports.values()):
+        if read_provenance(export_dir) is None:  # an export from before provenance existed
+            continue
+        record_evaluation(export_dir, metrics, protocol_models)
+        pages.append(write_model_card(export_dir)[1])
+    return pages
+
+
+def run_demo_monitor(work: Workdir, config: Config) -> int:
+    """The demo's output monitor: the CVAE's candidates against popularity's, in
+    WORKDIR/monitor (the same command compares a new version's output with the served one's;
+    see README, Governance). Returns the monitor's exit status; the demo goes on either way."""
+    reference = os.path.join(work.candidates, "popularity")
+    current = os.path.join(work.candidates, "cvae")
+    if not (os.path.isdir(reference) and os.path.isdir(current)):
+        return 0
+    print("\nOutput monitor, the CVAE's candidates against popularity's (a demonstration: "
+          "they are meant to differ)")
+    return run_monitor(reference, current, os.path.join(work.root, "monitor"), config.monitor)
+
+
 def run_pipeline(jobs: BeamJobs, data_dir: str, work: Workdir, config: Config,
                  beam_args: list[str]) -> dict:
     """All stages in order; prints each stage's duration and the final metrics tables."""
     timer = StageTimer()
     timer.run("features", run_features, jobs, data_dir, work, config, beam_args)
     timer.run("train", run_train, work, config)
-    timer.run("export", run_export, work, config)
+    exports = timer.run("export", run_export, work, config)
     timer.run("candidates", run_candidates, jobs, work, config, beam_args)
     timer.run("baselines", run_baselines, jobs, work, config)
     metrics = timer.run("evaluate", run_evaluate, work, config, data_dir)
+    timer.run("model card", run_model_cards, work, config, exports, metrics)
     print("\nStage durations\n" + timer.table())
     print_metrics(metrics)
     print_report_location(work)
@@ -130,6 +166,10 @@ def print_report_location(work: Workdir) -> None:
     """Points at the HTML report (tables, plots, what-if panel) first, then its Markdown twin."""
     print(f"\nReport: {os.path.join(work.report, HTML_FILE)}"
           f" (Markdown: {os.path.join(work.report, REPORT_FILE)})")
+    served = newest_export(work.export)
+    if served and os.path.exists(os.path.join(served, "assets.extra", "model_card.html")):
+        print(f"Model card of the served export: "
+              f"{os.path.join(served, 'assets.extra', 'model_card.html')}")
 
 
 def print_metrics(metrics: dict) -> None:

@@ -69,7 +69,8 @@ def _unknown_attributes(spec: S.FeatureSpec, batch: int) -> dict[str, tf.Tensor]
 def test_signatures_have_exactly_the_contract_inputs_and_outputs(model, exported):
     _, loaded = exported
     signatures = loaded.signatures
-    assert set(signatures) == {"serving_default", "recommend", "generate", "encode"}
+    assert set(signatures) == {"serving_default", "recommend", "generate", "encode",
+                               "recommend_excluding", "generate_excluding"}
     # the synthetic users table: age is numeric, region/device/plan are categorical
     assert model.spec.attribute_names == ["age", "region", "device", "plan"]
     attributes = {
@@ -88,6 +89,13 @@ def test_signatures_have_exactly_the_contract_inputs_and_outputs(model, exported
         assert signatures[name].structured_outputs == ranked
     assert signatures["generate"].structured_input_signature == ((), attributes)
     assert signatures["generate"].structured_outputs == ranked
+    exclude = {"exclude_item_ids": tf.TensorSpec([None, None], tf.string, "exclude_item_ids")}
+    assert signatures["recommend_excluding"].structured_input_signature == (
+        (), {**history, **attributes, **exclude})
+    assert signatures["generate_excluding"].structured_input_signature == (
+        (), {**attributes, **exclude})
+    assert signatures["recommend_excluding"].structured_outputs == ranked
+    assert signatures["generate_excluding"].structured_outputs == ranked
     assert signatures["encode"].structured_input_signature == ((), {**history, **attributes})
     encoded = signatures["encode"].structured_outputs
     assert set(encoded) == {"z_mean", "z_log_var"}
@@ -277,7 +285,8 @@ def test_assets_extra_holds_spec_vocabularies_and_valid_warmup_requests(model, e
         names.append(name)
         inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
         loaded.signatures[name](**inputs)  # the request is accepted as is
-    assert names == ["recommend", "generate", "encode"]
+    assert names == ["recommend", "generate", "encode", "recommend_excluding",
+                     "generate_excluding"]
 
 
 def test_assets_extra_holds_the_training_metrics(model_dir, exported):
@@ -295,8 +304,9 @@ def test_a_model_without_attributes_exports_and_verifies(features_dir, tmp_path)
     cases = EV.build_cases(plain, EV._verification_users(spec, 3), top_k=5)
     assert cases["signatures"]["generate"]["inputs"] == {}
     summary = V.check_export(export_dir, cases)
-    # recommend, serving_default, encode: 3 users + 2 edge cases; generate: one row
-    assert summary["rows"] == 3 * 5 + 1
+    # recommend, serving_default, encode, recommend_excluding: 3 users + 2 edge cases;
+    # generate and generate_excluding: one row each
+    assert summary["rows"] == 4 * 5 + 2
 
 
 def test_bad_attribute_names_are_refused(model):
@@ -321,8 +331,9 @@ def cases(model, exported):
 def test_verify_export_passes_in_a_fresh_process(exported, model_dir):
     export_dir, _ = exported
     summary = EV.verify_export(export_dir, model_dir, num_users=6)
-    assert summary["signatures"] == ["encode", "generate", "recommend", "serving_default"]
-    assert summary["rows"] == 4 * (6 + 2)  # 6 users + 2 edge cases, for each signature
+    assert summary["signatures"] == ["encode", "generate", "generate_excluding", "recommend",
+                                     "recommend_excluding", "serving_default"]
+    assert summary["rows"] == 6 * (6 + 2)  # 6 users + 2 edge cases, for each signature
     assert summary["max_abs_diff"] < 1e-4
     assert summary["session_loader"]["max_abs_diff"] < 1e-4  # the TF1 loader ran too
 
@@ -359,8 +370,9 @@ def test_verifier_takes_paths_relative_to_the_callers_folder(exported, cases, tm
     relative_export = os.path.relpath(export_dir, tmp_path)
     assert not os.path.isabs(relative_export)
     summary = EV.run_verifier(relative_export, "cases.json")
-    assert summary["signatures"] == ["encode", "generate", "recommend", "serving_default"]
-    assert summary["rows"] == 4 * (6 + 2)
+    assert summary["signatures"] == ["encode", "generate", "generate_excluding", "recommend",
+                                     "recommend_excluding", "serving_default"]
+    assert summary["rows"] == 6 * (6 + 2)
 
 
 def test_verifier_refuses_to_run_with_recsys_cvae_imported(exported, cases, tmp_path):

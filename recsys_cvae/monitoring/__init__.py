@@ -1,0 +1,1 @@
+"""Output monitoring: recommendations compared with a reference (`recsys-cvae monitor`)."""
