@@ -204,6 +204,14 @@ def _add_scoring_commands(sub: argparse._SubParsersAction) -> None:
                    "WORKDIR/monitor); thresholds: the config's [monitor] table")
     _add_common(p)
 
+    p = sub.add_parser(
+        "promote", help="copy WORKDIR's newest export into a serving base path if it ties or "
+        "beats the served version, keeps its policy and passes monitor; exit 3 if refused")
+    p.add_argument("--model-base-path", required=True,
+                   help="the base path TF Serving (or `serve`) watches; the export becomes its "
+                   "next integer version, and BASE/promotions.jsonl records the decision")
+    _add_common(p)
+
 
 def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     """pipeline, demo: every stage in order."""
@@ -318,6 +326,8 @@ def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
 
         out = args.out or os.path.join(args.workdir, "monitor")
         return run_monitor(args.reference, args.current, out, config.monitor, args.users)
+    if args.command == "promote":
+        return run_promote(args, config, beam_args)
     if args.command == "query":
         print(run_query(args, workdir_from_args(args)), flush=True)
         return 0
@@ -358,6 +368,20 @@ def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
         if args.command == "demo":
             stages.run_demo_monitor(work, config)
     return 0
+
+
+def run_promote(args: argparse.Namespace, config: Config, beam_args: list[str]) -> int:
+    """The promotion gate; prints the decision and returns 0 (promoted) or 3 (refused)."""
+    with _native_stderr_hidden(not args.debug):
+        from recsys_cvae.pipeline.promotion import REFUSED_STATUS, promote
+
+    decision = promote(workdir_from_args(args), args.model_base_path, config,
+                       beam_jobs().generate_candidates, beam_args)
+    if decision.promoted:
+        print(f"promoted: {decision.promoted_to} ({decision.reason})")
+        return 0
+    print(f"refused: {decision.reason}")
+    return REFUSED_STATUS
 
 
 def run_serve(args: argparse.Namespace, work: Workdir) -> NoReturn:

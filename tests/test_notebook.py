@@ -24,6 +24,8 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 3  # metric@K curves, trade-offs, segments inline
     assert os.path.exists(tmp_path / "report" / "report.html")
+    assert os.path.exists(tmp_path / "monitor" / "monitor.html")
+    assert os.path.exists(tmp_path / "export" / "1" / "assets.extra" / "model_card.html")
 
 
 def test_notebook_is_valid_and_covers_every_stage():
@@ -32,5 +34,6 @@ def test_notebook_is_valid_and_covers_every_stage():
     nbformat.validate(notebook)
     source = "\n".join(cell.source for cell in notebook.cells)
     for step in ("build_features", "train(", "export_model", "RecommenderClient",
-                 "generate_candidates", "build_baselines", "evaluate("):
+                 "generate_candidates", "build_baselines", "evaluate(", "write_model_card",
+                 "run_monitor"):
         assert step in source

@@ -100,7 +100,8 @@ def card_sections(provenance: Mapping[str, Any]) -> list[tuple[str, list[str], l
     inputs_table: Table = (
         ("role", "file", "bytes", "SHA-256", "rows read", "valid", "dead-lettered"),
         [(i["role"], i["path"], f"{i['bytes']:,}", f"`{i['sha256'][:16]}…`",
-          f"{i['rows_read']:,}", f"{i['rows_valid']:,}", f"{i['rows_dead_lettered']:,}")
+          *((f"{i['rows_read']:,}", f"{i['rows_valid']:,}", f"{i['rows_dead_lettered']:,}")
+            if i["role"] != "items" else ("metadata", "—", "—")))
          for i in data.get("inputs", [])])
     training_data = [
         f"{_number(data.get('users'))} users and {_number(data.get('items'))} items after "
@@ -116,12 +117,22 @@ def card_sections(provenance: Mapping[str, Any]) -> list[tuple[str, list[str], l
         "Quality is reported per attribute group below; groups with fewer than "
         f"{MIN_GROUP_USERS} evaluated users are not used for the gaps.",
     ]
+    own = (training.get("validation") or {}).get("ndcg@10")
+    selected = ((evaluation.get(trained.get("refit_of") or "") or {}).get("validation")
+                or {}).get("ndcg@10")
+    if own is not None:
+        validation = (f"Validation NDCG@10 {own:.4f} at epoch {training.get('best_epoch')} of "
+                      "the run that trained this export.")
+    elif selected is not None:
+        validation = (f"The refit has no validation users; the {trained['refit_of']} "
+                      f"protocol's run that chose its settings scored {selected:.4f} "
+                      "validation NDCG@10.")
+    else:
+        validation = "No validation score is recorded for this export."
     metrics_text = [
         "Metrics: NDCG@10 (selection metric), Recall@20 and @50 on held-out interactions, "
         "catalogue coverage@10; intervals are bootstrap 95% intervals over users. "
-        f"Validation: {_number((training.get('validation') or {}).get('ndcg@10'))} NDCG@10 at "
-        f"epoch {_number(training.get('best_epoch'))} of the run that trained this export "
-        "(none for the refit, which has no validation users; see the protocols below).",
+        + validation,
     ]
     sections = [
         ("Model details", details, []),

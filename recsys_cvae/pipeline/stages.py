@@ -142,7 +142,9 @@ def run_demo_monitor(work: Workdir, config: Config) -> int:
         return 0
     print("\nOutput monitor, the CVAE's candidates against popularity's (a demonstration: "
           "they are meant to differ)")
-    return run_monitor(reference, current, os.path.join(work.root, "monitor"), config.monitor)
+    users = os.path.join(work.data, "users.csv")  # the demo's synthetic users: segments
+    return run_monitor(reference, current, os.path.join(work.root, "monitor"), config.monitor,
+                       users if os.path.exists(users) else "")
 
 
 def run_pipeline(jobs: BeamJobs, data_dir: str, work: Workdir, config: Config,
