@@ -373,7 +373,7 @@ def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
 def run_promote(args: argparse.Namespace, config: Config, beam_args: list[str]) -> int:
     """The promotion gate; prints the decision and returns 0 (promoted) or 3 (refused)."""
     with _native_stderr_hidden(not args.debug):
-        from recsys_cvae.pipeline.promotion import REFUSED_STATUS, promote
+        from recsys_cvae.pipeline.promotion import REFUSED_STATUS, promote  # deferred: TF
 
     decision = promote(workdir_from_args(args), args.model_base_path, config,
                        beam_jobs().generate_candidates, beam_args)

@@ -370,17 +370,22 @@ class Config:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
 
+def read_toml(path: str, what: str = "config", error: type[ValueError] = ConfigError) -> dict:
+    """A TOML file as a dict; a missing or invalid file is one line naming it (`error`)."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise error(f"{path}: {what} file not found") from None
+    except tomllib.TOMLDecodeError as decode_error:
+        raise error(f"{path}: not valid TOML ({decode_error})") from None
+
+
 def load_config(path: str | None = None, overrides: Iterable[str] = ()) -> Config:
     """Reads a TOML file (optional) and applies `section.field=value` overrides in order."""
     config = Config()
     if path:
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"{path}: not valid TOML ({error})") from None
+        data = read_toml(path)
         for section, values in data.items():
             if not isinstance(values, dict):
                 raise ConfigError(f"{path}: [{section}] must be a table")

@@ -189,9 +189,10 @@ def _compare_ranking(name: str, key: str, got: np.ndarray, case: dict, top_k: in
     want = case["expected"][key]
     want_scores = case["expected"].get("scores")
     reference = case.get("reference_scores")
-    if got.shape != (len(want), top_k):
+    width = len(want[0]) if want and want_scores is None else top_k  # sample: its own width
+    if got.shape != (len(want), width):
         raise VerificationError(
-            f"{name}.{key}: shape {got.shape}, expected ({len(want)}, {top_k})"
+            f"{name}.{key}: shape {got.shape}, expected ({len(want)}, {width})"
         )
     for row, (got_row, want_row) in enumerate(zip(got, want)):
         for col, (got_id, want_id) in enumerate(zip(got_row, want_row)):

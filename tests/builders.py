@@ -18,7 +18,7 @@ from tensorflow_serving.apis import predict_pb2
 from recsys_cvae import candidates_format as C
 from recsys_cvae import spec as S
 from recsys_cvae import user_records as UR
-from recsys_cvae.config import Config
+from recsys_cvae.config import Config, ModelConfig
 from recsys_cvae.datasets import layouts as L
 from recsys_cvae.metrics import ranking_metrics
 from recsys_cvae.spec import TRAIN, FeatureSpec
@@ -90,6 +90,18 @@ def write_toy_features(
         splits[split] = S.SplitSpec(f"{split}/part-*.tfrecord.gz", len(rows))
     S.FeatureSpec(attributes, "vocab/items.txt", len(items), splits).save(directory)
     return S.FeatureSpec.load(directory)
+
+
+def tiny_model_config(epochs: int, **train_fields) -> Config:
+    """The smallest CVAE worth exporting (latent 8, one hidden layer of 32), batches of 64,
+    one device: for tests that need a real trained model and export, not a good one."""
+    config = Config()
+    config.model = ModelConfig(latent_dim=8, hidden_dims=[32], embedding_dim=4, condition_dim=8)
+    config.train.epochs, config.train.batch_size = epochs, 64
+    config.train.strategy, config.train.verbose = "default", 0
+    for name, value in train_fields.items():
+        setattr(config.train, name, value)
+    return config
 
 
 def small_config(epochs: int, **train_fields) -> Config:

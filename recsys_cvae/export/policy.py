@@ -33,14 +33,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tomllib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
-from recsys_cvae.config import ConfigError
+from recsys_cvae.config import ConfigError, read_toml
 from recsys_cvae.datasets.item_metadata import item_category_table
 
 POLICY_FILE = "policy.json"
@@ -191,13 +190,7 @@ def load_policy(
       PolicyError: one line naming the file and the field (unknown key, attribute that is not
         a signature input, category the items file does not have, bad bounds).
     """
-    try:
-        with open(path, "rb") as f:
-            document = tomllib.load(f)
-    except FileNotFoundError:
-        raise PolicyError(f"{path}: policy file not found") from None
-    except tomllib.TOMLDecodeError as error:
-        raise PolicyError(f"{path}: not valid TOML ({error})") from None
+    document = read_toml(path, "policy", PolicyError)
     unknown = set(document) - {"items_file", "deny", "rules"}
     if unknown:
         raise PolicyError(f"{path}: unknown key(s) {sorted(unknown)}; expected items_file, "

@@ -20,6 +20,9 @@ Signatures (K = min(`ExportConfig.top_k`, num_items), fixed at export):
     recommend_excluding, generate_excluding
                  as recommend / generate, plus exclude_item_ids tf.string [batch, m]: items
                  never returned for that request (existing clients keep their inputs)
+    sample       the attribute inputs, num_items tf.int32 [batch], seed tf.int64 [batch]
+      -> item_ids    tf.string  [batch, max num_items]   a synthetic user's items, no
+                     repeats, "" padding; the same for the same seed (`model.sampling`)
 
 With a policy (`export.policy`, `recsys_cvae.export.policy`) every ranking signature also
 leaves out the items it forbids for each user, in the graph.
@@ -70,6 +73,7 @@ from recsys_cvae.export.provenance import build_provenance, write_provenance
 from recsys_cvae.export.warmup import write_warmup_requests
 from recsys_cvae.model.catalogue_top_k import ONE_PIECE_MAX_LOGITS, catalogue_top_k, uses_chunks
 from recsys_cvae.model.model_dir import METRICS_FILE, load_trained_model, read_trained_on
+from recsys_cvae.model.sampling import Z_STREAM, gumbel_top_k, row_noise
 
 logger = logging.getLogger(__name__)
 
@@ -78,12 +82,15 @@ GENERATE = "generate"
 ENCODE = "encode"
 RECOMMEND_EXCLUDING = "recommend_excluding"
 GENERATE_EXCLUDING = "generate_excluding"
+SAMPLE = "sample"
 SERVING_DEFAULT = "serving_default"
 SIGNATURES = (SERVING_DEFAULT, RECOMMEND, GENERATE, ENCODE, RECOMMEND_EXCLUDING,
-              GENERATE_EXCLUDING)
+              GENERATE_EXCLUDING, SAMPLE)
 
 HISTORY_INPUT = "item_ids"  # the history input of recommend/encode
 EXCLUDE_INPUT = "exclude_item_ids"  # the *_excluding signatures' request-level exclusions
+NUM_ITEMS_INPUT, SEED_INPUT = "num_items", "seed"  # sample: how many items, whose noise
+SAMPLE_MAX_ITEMS = 10_000  # a synthetic history is capped here (and at the catalogue)
 ITEM_IDS = "item_ids"
 SCORES = "scores"
 Z_MEAN = "z_mean"
@@ -171,6 +178,7 @@ class ServingModule(tf.Module):
         self.encode = tf.function(self._encode)
         self.recommend_excluding = tf.function(self._recommend)
         self.generate_excluding = tf.function(self._generate)
+        self.sample = tf.function(self._sample)
 
     # ---- input specs -------------------------------------------------------------------
 
@@ -198,13 +206,16 @@ class ServingModule(tf.Module):
             ENCODE: self.recommend_specs(),
             RECOMMEND_EXCLUDING: {**self.recommend_specs(), **self.exclude_spec()},
             GENERATE_EXCLUDING: {**self.attribute_specs(), **self.exclude_spec()},
+            SAMPLE: {**self.attribute_specs(),
+                     NUM_ITEMS_INPUT: tf.TensorSpec([None], tf.int32, NUM_ITEMS_INPUT),
+                     SEED_INPUT: tf.TensorSpec([None], tf.int64, SEED_INPUT)},
         }
 
     def signatures(self) -> dict[str, Any]:
         """Concrete functions keyed by signature name, for `tf.saved_model.save`."""
         functions = {RECOMMEND: self.recommend, GENERATE: self.generate, ENCODE: self.encode,
                      RECOMMEND_EXCLUDING: self.recommend_excluding,
-                     GENERATE_EXCLUDING: self.generate_excluding}
+                     GENERATE_EXCLUDING: self.generate_excluding, SAMPLE: self.sample}
         concrete = {name: functions[name].get_concrete_function(specs)
                     for name, specs in self.input_specs().items()}
         return {SERVING_DEFAULT: concrete[RECOMMEND], **concrete}
@@ -230,6 +241,20 @@ class ServingModule(tf.Module):
     def _generate(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         features = self._model_features(inputs, history=False)
         return self._top_k(features, from_history=False, inputs=inputs)
+
+    def _sample(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """A synthetic user per row: z ~ p(z|c), then `num_items` items without replacement
+        from the softmax of the cold-start logits at that z (`CVAE.sample_logits`,
+        `model.sampling`), the same for the same `seed`; "" pads rows that asked for fewer
+        than the batch's most. The policy does not apply: these are interaction logs of users
+        who do not exist, not recommendations."""
+        features = self._model_features(inputs, history=False)
+        seeds = inputs[SEED_INPUT]
+        noise = row_noise(seeds, self.model.model_config.latent_dim, Z_STREAM, normal=True)
+        logits = self.model.sample_logits(features, noise)
+        indices, used = gumbel_top_k(logits, seeds, inputs[NUM_ITEMS_INPUT], SAMPLE_MAX_ITEMS)
+        item_ids = tf.where(used, tf.gather(self.item_vocabulary, indices), tf.constant(""))
+        return {ITEM_IDS: item_ids}
 
     def _excluded(self, inputs: dict[str, tf.Tensor], from_history: bool) -> tf.Tensor | None:
         """`[batch, m]` item indices to leave out besides the history: the policy's for each
@@ -273,7 +298,7 @@ class ServingModule(tf.Module):
 
 def _check_input_names(inputs: tuple[S.ServingInput, ...]) -> None:
     for serving_input in inputs:
-        if serving_input.name in (HISTORY_INPUT, EXCLUDE_INPUT):
+        if serving_input.name in (HISTORY_INPUT, EXCLUDE_INPUT, NUM_ITEMS_INPUT, SEED_INPUT):
             raise ExportError(
                 f"attribute input {serving_input.name!r} clashes with the history or exclusion "
                 "input of the serving signatures; rename the users-table column"

@@ -35,15 +35,20 @@ from recsys_cvae.export.saved_model import (
     GENERATE_EXCLUDING,
     HISTORY_INPUT,
     ITEM_IDS,
+    NUM_ITEMS_INPUT,
     RECOMMEND,
     RECOMMEND_EXCLUDING,
+    SAMPLE,
+    SAMPLE_MAX_ITEMS,
     SCORES,
+    SEED_INPUT,
     SERVING_DEFAULT,
     Z_LOG_VAR,
     Z_MEAN,
     ExportError,
 )
 from recsys_cvae.model.model_dir import load_trained_model
+from recsys_cvae.model.sampling import Z_STREAM, gumbel_top_k, row_noise
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +221,7 @@ def build_cases(
         generate_logits, removed(generate_logits.shape[0]) | excluded[:len(generate_exclude)],
         item_ids, top_k)
     z_mean, z_log_var = model.encode(history_features)
+    sample = _expected_sample(model, features, input_values, len(rows))
 
     recommend_inputs = {HISTORY_INPUT: history, **input_values}
     recommend_case = {"inputs": recommend_inputs, **recommend}
@@ -234,8 +240,29 @@ def build_cases(
                                   **recommend_excluding},
             GENERATE_EXCLUDING: {"inputs": {**input_values, EXCLUDE_INPUT: generate_exclude},
                                  **generate_excluding},
+            SAMPLE: sample,
         },
     }
+
+
+def _expected_sample(model: tf.keras.Model, features: dict, input_values: dict,
+                     rows: int) -> dict:
+    """`sample`'s case: each row asks for a different number of items (0 included), seeded
+    by its row; the expectation runs the sampler eagerly on the Keras model."""
+    if not input_values:  # no attributes: one row, as generate
+        rows, features = 1, {}
+    counts = [(3 * r) % 11 for r in range(rows)]
+    seeds = [1000 + r for r in range(rows)]
+    noise = row_noise(tf.constant(seeds, tf.int64), model.model_config.latent_dim, Z_STREAM,
+                      normal=True)
+    logits = model.sample_logits(features, noise)
+    indices, used = gumbel_top_k(logits, tf.constant(seeds, tf.int64),
+                                 tf.constant(counts, tf.int32), SAMPLE_MAX_ITEMS)
+    item_ids = list(model.item_ids)
+    expected = [[item_ids[i] if ok else "" for i, ok in zip(row, row_used)]
+                for row, row_used in zip(indices.numpy().tolist(), used.numpy().tolist())]
+    return {"inputs": {**input_values, NUM_ITEMS_INPUT: counts, SEED_INPUT: seeds},
+            "expected": {ITEM_IDS: expected}}
 
 
 def _marked(lists: list[list[str]], index: dict[str, int], num_items: int) -> np.ndarray:

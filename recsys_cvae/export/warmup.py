@@ -3,10 +3,10 @@
 Why: TF Serving (`--enable_model_warmup`) and this project's server replay the file at load
 time, so the first real request does not pay for graph initialisation. Each request is one
 user with nothing known, built from the signature's own input specs (`[batch]` string "",
-`[batch]` float NaN, `[batch, n]` string [[""]]), so a new signature is warmed up without a
-change here. `model_spec.name` is left empty on purpose: TF Serving's saved_model_warmup_util
-runs every record against the version being loaded, whatever name it carries, so one export
-warms up under any --model_name.
+`[batch]` float NaN, `[batch]` integer 1, `[batch, n]` string [[""]]), so a new signature is
+warmed up without a change here. `model_spec.name` is left empty on purpose: TF Serving's
+saved_model_warmup_util runs every record against the version being loaded, whatever name it
+carries, so one export warms up under any --model_name.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ logger = logging.getLogger(__name__)
 
 
 def unknown_value(spec: tf.TensorSpec) -> list:
-    """One row of "nothing known" for an input of `spec`."""
-    value = "" if spec.dtype == tf.string else math.nan
+    """One row of "nothing known" for an input of `spec` (a count or seed of 1 for an
+    integer input: `sample`'s num_items and seed)."""
+    value = "" if spec.dtype == tf.string else 1 if spec.dtype.is_integer else math.nan
     return [[value]] if spec.shape.rank == 2 else [value]
 
 

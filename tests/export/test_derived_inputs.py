@@ -145,7 +145,7 @@ def test_the_verifier_checks_raw_spellings_in_a_fresh_process(zip_model, zip_spe
     path = tmp_path / "cases.json"
     path.write_text(json.dumps(cases))
     summary = EV.run_verifier(zip_export, str(path))  # TF2 and TF1 session loaders
-    assert summary["rows"] == 6 * (4 + 3)  # six signatures (serving_default included)
+    assert summary["rows"] == 7 * (4 + 3)  # seven signatures (serving_default included)
     assert summary["session_loader"]["max_abs_diff"] < 1e-4
 
 

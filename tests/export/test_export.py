@@ -70,7 +70,7 @@ def test_signatures_have_exactly_the_contract_inputs_and_outputs(model, exported
     _, loaded = exported
     signatures = loaded.signatures
     assert set(signatures) == {"serving_default", "recommend", "generate", "encode",
-                               "recommend_excluding", "generate_excluding"}
+                               "recommend_excluding", "generate_excluding", "sample"}
     # the synthetic users table: age is numeric, region/device/plan are categorical
     assert model.spec.attribute_names == ["age", "region", "device", "plan"]
     attributes = {
@@ -96,6 +96,11 @@ def test_signatures_have_exactly_the_contract_inputs_and_outputs(model, exported
         (), {**attributes, **exclude})
     assert signatures["recommend_excluding"].structured_outputs == ranked
     assert signatures["generate_excluding"].structured_outputs == ranked
+    assert signatures["sample"].structured_input_signature == ((), {
+        **attributes, "num_items": tf.TensorSpec([None], tf.int32, "num_items"),
+        "seed": tf.TensorSpec([None], tf.int64, "seed")})
+    assert signatures["sample"].structured_outputs == {
+        "item_ids": tf.TensorSpec([None, None], tf.string, "item_ids")}
     assert signatures["encode"].structured_input_signature == ((), {**history, **attributes})
     encoded = signatures["encode"].structured_outputs
     assert set(encoded) == {"z_mean", "z_log_var"}
@@ -286,7 +291,7 @@ def test_assets_extra_holds_spec_vocabularies_and_valid_warmup_requests(model, e
         inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
         loaded.signatures[name](**inputs)  # the request is accepted as is
     assert names == ["recommend", "generate", "encode", "recommend_excluding",
-                     "generate_excluding"]
+                     "generate_excluding", "sample"]
 
 
 def test_assets_extra_holds_the_training_metrics(model_dir, exported):
@@ -305,8 +310,8 @@ def test_a_model_without_attributes_exports_and_verifies(features_dir, tmp_path)
     assert cases["signatures"]["generate"]["inputs"] == {}
     summary = V.check_export(export_dir, cases)
     # recommend, serving_default, encode, recommend_excluding: 3 users + 2 edge cases;
-    # generate and generate_excluding: one row each
-    assert summary["rows"] == 4 * 5 + 2
+    # generate, generate_excluding and sample: one row each
+    assert summary["rows"] == 4 * 5 + 3
 
 
 def test_bad_attribute_names_are_refused(model):
@@ -332,8 +337,8 @@ def test_verify_export_passes_in_a_fresh_process(exported, model_dir):
     export_dir, _ = exported
     summary = EV.verify_export(export_dir, model_dir, num_users=6)
     assert summary["signatures"] == ["encode", "generate", "generate_excluding", "recommend",
-                                     "recommend_excluding", "serving_default"]
-    assert summary["rows"] == 6 * (6 + 2)  # 6 users + 2 edge cases, for each signature
+                                     "recommend_excluding", "sample", "serving_default"]
+    assert summary["rows"] == 7 * (6 + 2)  # 6 users + 2 edge cases, for each signature
     assert summary["max_abs_diff"] < 1e-4
     assert summary["session_loader"]["max_abs_diff"] < 1e-4  # the TF1 loader ran too
 
@@ -371,8 +376,8 @@ def test_verifier_takes_paths_relative_to_the_callers_folder(exported, cases, tm
     assert not os.path.isabs(relative_export)
     summary = EV.run_verifier(relative_export, "cases.json")
     assert summary["signatures"] == ["encode", "generate", "generate_excluding", "recommend",
-                                     "recommend_excluding", "serving_default"]
-    assert summary["rows"] == 6 * (6 + 2)
+                                     "recommend_excluding", "sample", "serving_default"]
+    assert summary["rows"] == 7 * (6 + 2)
 
 
 def test_verifier_refuses_to_run_with_recsys_cvae_imported(exported, cases, tmp_path):

@@ -17,25 +17,22 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from beam_jobs import candidates as job
 from recsys_cvae import candidates_format as C
 from recsys_cvae import spec as S
-from recsys_cvae.config import Config, ExportConfig, ModelConfig
+from recsys_cvae.config import ExportConfig
 from recsys_cvae.export import provenance as P
 from recsys_cvae.export.model_card import CARD_MARKDOWN
 from recsys_cvae.export.policy import PolicyError, load_policy
 from recsys_cvae.export.saved_model import export_model
 from recsys_cvae.export.verification import verify_export
 from recsys_cvae.training.fit import train
+from tests.builders import tiny_model_config
 
 INPUTS = {"age": False, "region": True, "device": True, "plan": True}
 
 
 @pytest.fixture(scope="module")
 def trained(features_dir, tmp_path_factory) -> str:
-    config = Config()
-    config.model = ModelConfig(latent_dim=8, hidden_dims=[32], embedding_dim=4, condition_dim=8)
-    config.train.epochs, config.train.batch_size = 1, 64
-    config.train.strategy, config.train.verbose = "default", 0
     model_dir = str(tmp_path_factory.mktemp("model"))
-    train(features_dir, model_dir, config)
+    train(features_dir, model_dir, tiny_model_config(1))
     return model_dir
 
 

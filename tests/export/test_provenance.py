@@ -16,23 +16,19 @@ import subprocess
 
 import pytest
 
-from recsys_cvae.config import Config, ExportConfig, ModelConfig
+from recsys_cvae.config import ExportConfig
 from recsys_cvae.export import model_card as C
 from recsys_cvae.export import provenance as P
 from recsys_cvae.export.saved_model import export_model
 from recsys_cvae.training.fit import train
-from tests.builders import REPO
+from tests.builders import REPO, tiny_model_config
 
 
 @pytest.fixture(scope="module")
 def exported(features_dir, tmp_path_factory) -> tuple[str, str]:
     """(model_dir, export_dir) of a CVAE trained for one epoch on the synthetic features."""
-    config = Config()
-    config.model = ModelConfig(latent_dim=8, hidden_dims=[32], embedding_dim=4, condition_dim=8)
-    config.train.epochs, config.train.batch_size = 1, 64
-    config.train.strategy, config.train.verbose = "default", 0
     model_dir = str(tmp_path_factory.mktemp("model"))
-    train(features_dir, model_dir, config)
+    train(features_dir, model_dir, tiny_model_config(1))
     base = str(tmp_path_factory.mktemp("export"))
     return model_dir, export_model(model_dir, base, ExportConfig(top_k=10, verify=False))
 

@@ -20,13 +20,13 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from beam_jobs import candidates as job
 from recsys_cvae import spec as S
-from recsys_cvae.config import Config, ExportConfig, ModelConfig, MonitorConfig
+from recsys_cvae.config import ExportConfig, MonitorConfig
 from recsys_cvae.export.saved_model import export_model
 from recsys_cvae.monitoring import drift as D
 from recsys_cvae.monitoring.outputs import MonitorInputError, read_recommendations
 from recsys_cvae.training.fit import train
 from serving.server import ModelServer
-from tests.builders import REPO
+from tests.builders import REPO, tiny_model_config
 
 CLI = [sys.executable, "-m", "recsys_cvae.cli"]
 
@@ -35,12 +35,8 @@ CLI = [sys.executable, "-m", "recsys_cvae.cli"]
 def exports(features_dir, tmp_path_factory) -> dict[str, str]:
     """{"plain": export base, "shifted": export base}: one trained CVAE exported twice, the
     second with its twenty most recommended cold-start items denied."""
-    config = Config()
-    config.model = ModelConfig(latent_dim=8, hidden_dims=[32], embedding_dim=4, condition_dim=8)
-    config.train.epochs, config.train.batch_size = 2, 64
-    config.train.strategy, config.train.verbose = "default", 0
     model_dir = str(tmp_path_factory.mktemp("model"))
-    train(features_dir, model_dir, config)
+    train(features_dir, model_dir, tiny_model_config(2))
     root = tmp_path_factory.mktemp("exports")
     plain = export_model(model_dir, str(root / "plain"), ExportConfig(top_k=10, verify=False))
     answered = tf.saved_model.load(plain).signatures["generate"](**attribute_inputs(features_dir))

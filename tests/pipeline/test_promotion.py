@@ -13,29 +13,21 @@ import sys
 import pytest
 
 from beam_jobs.candidates import generate_candidates
-from recsys_cvae.config import Config, ExportConfig, ModelConfig
+from recsys_cvae.config import ExportConfig
 from recsys_cvae.export.provenance import provenance_path
 from recsys_cvae.export.saved_model import export_model
 from recsys_cvae.pipeline.promotion import LEDGER, promote
 from recsys_cvae.pipeline.workdir import Workdir
 from recsys_cvae.training.fit import train
-from tests.builders import REPO
-
-
-def small_config(epochs: int, learning_rate: float = 1e-3) -> Config:
-    config = Config()
-    config.model = ModelConfig(latent_dim=8, hidden_dims=[32], embedding_dim=4, condition_dim=8)
-    config.train.epochs, config.train.batch_size = epochs, 64
-    config.train.learning_rate = learning_rate
-    config.train.strategy, config.train.verbose = "default", 0
-    return config
+from tests.builders import REPO, tiny_model_config
 
 
 @pytest.fixture(scope="module")
 def models(features_dir, tmp_path_factory) -> dict[str, str]:
     """A fitted model (4 epochs) and a barely trained one (1 epoch at a tiny learning rate)."""
     folders = {}
-    for name, config in (("good", small_config(4)), ("worse", small_config(1, 1e-6))):
+    configs = {"good": tiny_model_config(4), "worse": tiny_model_config(1, learning_rate=1e-6)}
+    for name, config in configs.items():
         folders[name] = str(tmp_path_factory.mktemp(f"model-{name}"))
         train(features_dir, folders[name], config)
     return folders
@@ -58,7 +50,7 @@ def sha256(path: str) -> str:
 
 def test_first_and_tying_exports_go_in_a_worse_one_is_refused(models, features_dir, tmp_path):
     base = tmp_path / "serving"
-    config = small_config(4)
+    config = tiny_model_config(4)
     work = workdir(tmp_path / "w", features_dir, models["good"])
     first = export_model(models["good"], work.export, ExportConfig(top_k=10, verify=False))
     decision = promote(work, str(base), config, generate_candidates)
@@ -93,7 +85,7 @@ def test_dropping_the_served_policy_is_refused_from_the_command_line(
     guarded = workdir(tmp_path / "guarded", features_dir, models["good"])
     export_model(models["good"], guarded.export,
                  ExportConfig(top_k=10, verify=False, policy=str(policy)))
-    assert promote(guarded, str(base), small_config(4), generate_candidates).promoted
+    assert promote(guarded, str(base), tiny_model_config(4), generate_candidates).promoted
     plain = tmp_path / "plain"
     export_model(models["good"], str(plain / "export"), ExportConfig(top_k=10, verify=False))
     result = subprocess.run(
