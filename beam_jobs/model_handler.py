@@ -101,6 +101,9 @@ def _column(name: str, values: list, spec: Any) -> np.ndarray:
     if spec.dtype.is_floating:
         return np.array([math.nan if v is None or v == "" else float(v) for v in values],
                         dtype=spec.dtype.as_numpy_dtype)
+    if spec.dtype.is_integer:  # `sample`'s num_items and seed
+        return np.array([0 if v is None or v == "" else int(v) for v in values],
+                        dtype=spec.dtype.as_numpy_dtype)
     return np.array([b"" if v is None else str(v).encode() for v in values], dtype=object)
 
 

@@ -205,6 +205,24 @@ def _add_scoring_commands(sub: argparse._SubParsersAction) -> None:
     _add_common(p)
 
     p = sub.add_parser(
+        "synthesize", help="write synthetic users (users.csv, interactions.csv) from the "
+        "export's `sample` signature, as a Beam job")
+    p.add_argument("--users", type=int, required=True, help="how many synthetic users")
+    p.add_argument("--out", required=True, help="folder for users.csv and interactions.csv "
+                   "(the generic layout `features --data-dir` reads)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the same seed gives the same files (default 0)")
+    p.add_argument("--population", default="",
+                   help="CSV of attribute columns plus `weight`: draw attribute combinations by "
+                   "weight instead of copying training users")
+    p.add_argument("--export-dir", help="export version folder or base (default: the newest "
+                   "under WORKDIR/export)")
+    p.epilog = ("--set INPUT=VALUE (no dot in INPUT) restricts the copied training users, e.g. "
+                "--set device=ios --set age=25..34; --set section.field=value stays a config "
+                "override.")
+    _add_common(p)
+
+    p = sub.add_parser(
         "promote", help="copy WORKDIR's newest export into a serving base path if it ties or "
         "beats the served version, keeps its policy and passes monitor; exit 3 if refused")
     p.add_argument("--model-base-path", required=True,
@@ -271,6 +289,8 @@ def _split_beam_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def _resolve_config(args: argparse.Namespace) -> Config:
     overrides = list(args.set)
+    if args.command == "synthesize":  # INPUT=VALUE restricts the synthetic users instead
+        overrides = [text for text in overrides if "." in text.partition("=")[0]]
     if getattr(args, "strategy", None):
         overrides.append(f"train.strategy={args.strategy}")
     if getattr(args, "epochs", None) is not None:
@@ -328,6 +348,8 @@ def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
         return run_monitor(args.reference, args.current, out, config.monitor, args.users)
     if args.command == "promote":
         return run_promote(args, config, beam_args)
+    if args.command == "synthesize":
+        return run_synthesize(args, beam_args)
     if args.command == "query":
         print(run_query(args, workdir_from_args(args)), flush=True)
         return 0
@@ -367,6 +389,25 @@ def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
         stages.run_pipeline(beam_jobs(), data_dir, work, config, beam_args)
         if args.command == "demo":
             stages.run_demo_monitor(work, config)
+    return 0
+
+
+def run_synthesize(args: argparse.Namespace, beam_args: list[str]) -> int:
+    """Synthetic users; prints what was written."""
+    with _native_stderr_hidden(not args.debug):
+        from beam_jobs.synthesize import synthesize  # deferred: Beam and TensorFlow
+        from recsys_cvae.export_layout import newest_export
+
+    work = workdir_from_args(args)
+    export_dir = newest_export(args.export_dir or work.export)
+    if export_dir is None:
+        raise FileNotFoundError(f"{args.export_dir or work.export}: no export; run export first")
+    overrides = [text for text in args.set if "." not in text.partition("=")[0]]
+    written = synthesize(export_dir, work.features, args.out, args.users, seed=args.seed,
+                         overrides=overrides, population_file=args.population,
+                         pipeline_args=beam_args)
+    print(f"synthesized {written['users']:,} users, {written['interactions']:,} interactions "
+          f"in {os.path.abspath(args.out)} (seed {args.seed})")
     return 0
 
 

@@ -1,0 +1,105 @@
+"""`recsys-cvae synthesize` on a real export: a Beam job over the `sample` signature writes
+users.csv and interactions.csv that the feature job reads back, the same for the same seed."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+
+from beam_jobs.features import build_features
+from beam_jobs.synthesize import SynthesisError, synthesize
+from recsys_cvae import spec as S
+from recsys_cvae.config import ExportConfig, FeaturesConfig
+from recsys_cvae.export.saved_model import export_model
+from recsys_cvae.training.fit import train
+from tests.builders import REPO, tiny_model_config
+
+
+@pytest.fixture(scope="module")
+def export_dir(features_dir, tmp_path_factory) -> str:
+    model_dir = str(tmp_path_factory.mktemp("model"))
+    train(features_dir, model_dir, tiny_model_config(3))
+    return export_model(model_dir, str(tmp_path_factory.mktemp("export")),
+                        ExportConfig(top_k=10, verify=False))
+
+
+def run(export_dir: str, features_dir: str, out, users: int = 120, **kwargs) -> dict:
+    return synthesize(export_dir, features_dir, str(out), users, save_main_session=False,
+                      test_pipeline=BeamTestPipeline(), **kwargs)
+
+
+def rows(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_users_copy_training_profiles_and_draw_distinct_known_items(
+        export_dir, features_dir, tmp_path):
+    written = run(export_dir, features_dir, tmp_path / "a", seed=3)
+    users = rows(tmp_path / "a" / "users.csv")
+    interactions = rows(tmp_path / "a" / "interactions.csv")
+    assert written["users"] == len(users) == 120
+    assert list(users[0]) == ["user_id", "age", "region", "device", "plan"]
+    spec = S.FeatureSpec.load(features_dir)
+    items = set(spec.item_vocabulary())
+    per_user: dict[str, list[str]] = {}
+    for row in interactions:
+        per_user.setdefault(row["user_id"], []).append(row["item_id"])
+    assert set(per_user) <= {u["user_id"] for u in users}
+    assert all(len(set(v)) == len(v) and set(v) <= items for v in per_user.values())
+    lengths = sorted(len(v) for v in per_user.values())
+    assert lengths[0] >= 1 and lengths[-1] > lengths[0]  # copied lengths vary
+    assert {u["region"] for u in users} <= set(spec.attribute_vocabulary("region")) | {""}
+
+
+def test_the_same_seed_writes_the_same_bytes(export_dir, features_dir, tmp_path):
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        run(export_dir, features_dir, tmp_path / name, users=60, seed=seed)
+    read = {n: open(tmp_path / n / "interactions.csv", "rb").read() for n in "abc"}
+    assert read["a"] == read["b"] and read["a"] != read["c"]
+    assert not os.path.exists(tmp_path / "a" / ".parts")
+
+
+def test_the_output_reads_back_as_features(export_dir, features_dir, tmp_path):
+    written = run(export_dir, features_dir, tmp_path / "synthetic", users=150)
+    spec = build_features(str(tmp_path / "synthetic"), str(tmp_path / "features"),
+                          FeaturesConfig(), save_main_session=False, quiet=True)
+    assert spec.counts["rows_valid"] == written["users"] + written["interactions"]
+    assert spec.counts["rows_dead_lettered"] == 0
+
+
+def test_overrides_and_a_population_file_choose_who_is_synthesized(
+        export_dir, features_dir, tmp_path):
+    run(export_dir, features_dir, tmp_path / "ios", users=50,
+        overrides=["device=ios", "age=30..45"])
+    users = rows(tmp_path / "ios" / "users.csv")
+    assert {u["device"] for u in users} == {"ios"}
+    assert all(30 <= float(u["age"]) <= 45 for u in users)
+    population = tmp_path / "population.csv"
+    population.write_text("region,device,weight\nnorth,web,3\nsouth,ios,1\n")
+    run(export_dir, features_dir, tmp_path / "mix", users=400, population_file=str(population))
+    users = rows(tmp_path / "mix" / "users.csv")
+    north = sum(u["region"] == "north" for u in users)
+    assert {(u["region"], u["device"]) for u in users} == {("north", "web"), ("south", "ios")}
+    assert 250 <= north <= 350  # 300 expected
+    with pytest.raises(SynthesisError, match="no training user matches"):
+        run(export_dir, features_dir, tmp_path / "none", users=5, overrides=["age=900..901"])
+    with pytest.raises(SynthesisError, match="expected INPUT=VALUE with INPUT one of age"):
+        run(export_dir, features_dir, tmp_path / "none", users=5, overrides=["colour=red"])
+
+
+def test_the_command_writes_from_an_empty_folder(export_dir, features_dir, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "recsys_cvae.cli", "synthesize", "--features-dir", features_dir,
+         "--export-dir", export_dir, "--users", "20", "--out", "synthetic", "--set",
+         "region=north"],
+        capture_output=True, text=True, cwd=str(tmp_path), timeout=300,
+        env=dict(os.environ, PYTHONPATH=REPO))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "synthesized 20 users" in result.stdout and str(tmp_path / "synthetic") in result.stdout
+    assert {u["region"] for u in rows(tmp_path / "synthetic" / "users.csv")} == {"north"}
