@@ -216,7 +216,10 @@ def _add_scoring_commands(sub: argparse._SubParsersAction) -> None:
                    help="CSV of attribute columns plus `weight`: draw attribute combinations by "
                    "weight instead of copying training users")
     p.add_argument("--export-dir", help="export version folder or base (default: the newest "
-                   "under WORKDIR/export)")
+                   "under WORKDIR/export; WORKDIR/protocols/strong/export never saw the test "
+                   "users, which keeps train-on-synthetic honest)")
+    p.add_argument("--no-report", action="store_true",
+                   help="skip the fidelity and privacy report (synthesis_report.json/.html)")
     p.epilog = ("--set INPUT=VALUE (no dot in INPUT) restricts the copied training users, e.g. "
                 "--set device=ios --set age=25..34; --set section.field=value stays a config "
                 "override.")
@@ -408,6 +411,20 @@ def run_synthesize(args: argparse.Namespace, beam_args: list[str]) -> int:
                          pipeline_args=beam_args)
     print(f"synthesized {written['users']:,} users, {written['interactions']:,} interactions "
           f"in {os.path.abspath(args.out)} (seed {args.seed})")
+    if args.no_report:
+        return 0
+    with _native_stderr_hidden(not args.debug):
+        from recsys_cvae.synthesis import page  # deferred: TensorFlow (the model's likelihood)
+        from recsys_cvae.synthesis.report import synthesis_report
+
+    protocol_model = os.path.join(work.root, "protocols", "strong", "model")
+    report = synthesis_report(work.features, args.out, export_dir,
+                              protocol_model if os.path.isdir(protocol_model) else "",
+                              seed=args.seed)
+    data, html_page = page.write(report, args.out)
+    print("goals: " + ", ".join(f"{name} {'met' if met else 'NOT met' if met is False else '—'}"
+                                for name, met in report["goals"].items()))
+    print(f"Fidelity and privacy report: {html_page} (JSON: {data})")
     return 0
 
 

@@ -255,6 +255,18 @@ def gini(exposure: np.ndarray) -> float:
     return float(((2 * ranks - n - 1) * values).sum() / (n * total))
 
 
+def jensen_shannon(p: np.ndarray, q: np.ndarray) -> float:
+    """Jensen–Shannon divergence in bits (0..1) of two distributions over the same support
+    (output monitoring's item drift, synthetic data's per-segment fidelity)."""
+    m = 0.5 * (p + q)
+
+    def kl(a: np.ndarray) -> float:
+        mask = a > 0
+        return float(np.sum(a[mask] * np.log2(a[mask] / m[mask])))
+
+    return 0.5 * kl(p) + 0.5 * kl(q)
+
+
 def catalogue_coverage(ranked: Sequence[Sequence], num_items: int, k: int) -> float:
     """Share of the catalogue that appears in at least one user's top k (from id lists)."""
     seen = {item for row in ranked for item in list(row)[:k] if item is not None}

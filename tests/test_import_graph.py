@@ -16,7 +16,8 @@ from tests.builders import REPO
 
 # Role of every module: its first folder under recsys_cvae/, or "bottom" for the contracts
 # and shared leaves at the package root and the raw-data readers in datasets/.
-ROLES = ("model", "training", "export", "baselines", "evaluation", "monitoring", "pipeline")
+ROLES = ("model", "training", "export", "baselines", "evaluation", "monitoring", "synthesis",
+         "pipeline")
 BOTTOM = "bottom"
 # role -> the roles it may import. Training and export build on the model; the baselines and
 # the evaluation on the contracts only (the EASE closed form is the model's); the pipeline
@@ -29,6 +30,7 @@ ALLOWED = {
     "baselines": {BOTTOM, "model", "baselines"},
     "evaluation": {BOTTOM, "evaluation"},
     "monitoring": {BOTTOM, "monitoring"},  # reads candidates and logs; trains nothing
+    "synthesis": {BOTTOM, "model", "synthesis"},  # EASE's closed form, a model's likelihood
     "pipeline": {BOTTOM, *ROLES},
     "cli": {BOTTOM, *ROLES, "beam_jobs", "serving"},
     # The deployable Beam jobs use the contracts, the readers and the evaluation's scorer.

@@ -244,10 +244,10 @@ class ServingModule(tf.Module):
 
     def _sample(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         """A synthetic user per row: z ~ p(z|c), then `num_items` items without replacement
-        from the softmax of the cold-start logits at that z (`CVAE.sample_logits`,
-        `model.sampling`), the same for the same `seed`; "" pads rows that asked for fewer
-        than the batch's most. The policy does not apply: these are interaction logs of users
-        who do not exist, not recommendations."""
+        from the decoder's softmax at that z (`CVAE.sample_logits`, `model.sampling`), the
+        same for the same `seed`; "" pads rows that asked for fewer than the batch's most.
+        The policy does not apply: these are interaction logs of users who do not exist, not
+        recommendations."""
         features = self._model_features(inputs, history=False)
         seeds = inputs[SEED_INPUT]
         noise = row_noise(seeds, self.model.model_config.latent_dim, Z_STREAM, normal=True)

@@ -296,18 +296,18 @@ class CVAE(ElboObjective, tf.keras.Model):
         return self.decoder.hidden_state(z, c)
 
     def sample_logits(self, features: Mapping[str, tf.Tensor], noise: tf.Tensor) -> tf.Tensor:
-        """Cold-start logits `[batch, num_items]` at z = μ_p + σ_p · noise, z drawn from the
-        prior p(z|c) by the caller's standard-normal `noise` `[batch, latent_dim]`: what
-        `generate` scores, at a sampled z instead of the prior mean (decoder plus the
-        attribute lift; the item-item branch adds nothing to an empty history). `sample`
-        draws synthetic users' items from its softmax. Why the lift too: the decoder alone
-        barely separates segments when sampled (on the synthetic test data, total variation
-        between two regions' sampled items 0.005 against 0.12 with the lift; real data 0.26)."""
+        """Decoder logits `[batch, num_items]` at z = μ_p + σ_p · noise, z drawn from the
+        prior p(z|c) by the caller's standard-normal `noise` `[batch, latent_dim]`: the
+        generative model itself, which `sample` draws synthetic users' items from. Without
+        the attribute lift `generate` adds for ranking: measured on MovieLens-100K, synthetic
+        users from the decoder alone match the real per-segment item distributions (JSD
+        within 1.03× the real-vs-real noise floor on average, 1.31× at worst) and train EASE
+        to 0.68 of its real-data NDCG@10, against 1.52× / 3.25× and 0.34 with the lift, which
+        pulls every user of a segment towards the same popular items."""
         c = self.condition(features)
         mean, log_var = self.prior_params(c, tf.shape(noise)[0])
         z = mean + tf.exp(0.5 * log_var) * noise
-        return self._add_lift(self.decoder.logits(self.decoder.hidden_state(z, c)), features,
-                              cold=True)
+        return self.decoder.logits(self.decoder.hidden_state(z, c))
 
     # ---- the ELBO and the Keras steps ------------------------------------------------------
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from recsys_cvae.config import MonitorConfig
+from recsys_cvae.metrics import gini, jensen_shannon
 from recsys_cvae.monitoring.outputs import Recommendations, exposure
 
 EPSILON = 1e-6  # PSI's floor for an empty band
@@ -40,29 +41,10 @@ def _distribution(counts: Mapping[str, int], items: list[str]) -> np.ndarray:
     return values / total if total else values
 
 
-def jensen_shannon(p: np.ndarray, q: np.ndarray) -> float:
-    """JSD in bits (0..1) of two distributions over the same support."""
-    m = 0.5 * (p + q)
-
-    def kl(a: np.ndarray) -> float:
-        mask = a > 0
-        return float(np.sum(a[mask] * np.log2(a[mask] / m[mask])))
-
-    return 0.5 * kl(p) + 0.5 * kl(q)
-
-
 def psi(reference: np.ndarray, current: np.ndarray) -> float:
     """Population stability index of two band distributions (shares summing to 1)."""
     r, c = np.maximum(reference, EPSILON), np.maximum(current, EPSILON)
     return float(np.sum((c - r) * np.log(c / r)))
-
-
-def gini(counts: np.ndarray) -> float:
-    values = np.sort(np.asarray(counts, dtype=np.float64))
-    n, total = len(values), values.sum()
-    if n == 0 or total == 0:
-        return 0.0
-    return float((2 * np.arange(1, n + 1) - n - 1) @ values / (n * total))
 
 
 def describe(recs: Recommendations, reference_counts: Mapping[str, int],

@@ -23,7 +23,7 @@ from tests.builders import REPO, tiny_model_config
 @pytest.fixture(scope="module")
 def export_dir(features_dir, tmp_path_factory) -> str:
     model_dir = str(tmp_path_factory.mktemp("model"))
-    train(features_dir, model_dir, tiny_model_config(3))
+    train(features_dir, model_dir, tiny_model_config(15))
     return export_model(model_dir, str(tmp_path_factory.mktemp("export")),
                         ExportConfig(top_k=10, verify=False))
 
@@ -103,3 +103,56 @@ def test_the_command_writes_from_an_empty_folder(export_dir, features_dir, tmp_p
     assert result.returncode == 0, result.stderr[-2000:]
     assert "synthesized 20 users" in result.stdout and str(tmp_path / "synthetic") in result.stdout
     assert {u["region"] for u in rows(tmp_path / "synthetic" / "users.csv")} == {"north"}
+
+
+# ---- the fidelity and privacy report --------------------------------------------------------
+
+def write_copies(features_dir: str, folder) -> int:
+    """A 'synthetic' set that copies real users outright: what the privacy check must catch."""
+    from recsys_cvae import user_records as UR
+
+    spec = S.FeatureSpec.load(features_dir)
+    folder.mkdir()
+    users = list(UR.read_user_records(spec, "train"))
+    with open(folder / "users.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["user_id", "age", "region", "device", "plan"])
+        for u in users:
+            writer.writerow([u["user_id"], u["age"], u["region"], u["device"], u["plan"]])
+    with open(folder / "interactions.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["user_id", "item_id"])
+        for u in users:
+            writer.writerows([u["user_id"], i] for i in u["history_item_ids"])
+    return len(users)
+
+
+def test_the_report_measures_fidelity_and_catches_copies(export_dir, features_dir, tmp_path):
+    from recsys_cvae.synthesis import page
+    from recsys_cvae.synthesis.report import synthesis_report
+
+    run(export_dir, features_dir, tmp_path / "synthetic", users=300, seed=2)
+    report = synthesis_report(features_dir, str(tmp_path / "synthetic"), export_dir)
+    assert report["privacy"]["exact_copies"] == 0 and report["privacy"]["closer_than_real"] < 0.5
+    assert report["fidelity"]["popularity_spearman"] > 0.3
+    assert report["train_on_synthetic"]["ease_ratio"] > 0
+    assert report["fidelity"]["segments"][0]["segment"] == "all"
+    assert report["generator_saw_test_users"] is False  # trained on the train split only
+    assert report["goals"]["no_exact_copies"] is True
+    data, html_page = page.write(report, str(tmp_path / "synthetic"))
+    assert "Train on synthetic" in open(html_page).read() and os.path.exists(data)
+
+    copies = write_copies(features_dir, tmp_path / "copies")
+    copied = synthesis_report(features_dir, str(tmp_path / "copies"), export_dir)
+    # train users' histories are the whole item sets of train users: all are exact copies
+    assert copied["privacy"]["exact_copies"] == copies
+    assert copied["goals"]["no_exact_copies"] is False
+
+
+def test_membership_inference_runs_on_a_protocol_model(features_dir, tmp_path):
+    from recsys_cvae.synthesis.report import membership_auc
+
+    model_dir = str(tmp_path / "model")
+    train(features_dir, model_dir, tiny_model_config(3))
+    auc = membership_auc(model_dir, S.FeatureSpec.load(features_dir), max_users=200)
+    assert 0.3 < auc < 0.9

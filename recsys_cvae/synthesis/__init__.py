@@ -1,0 +1,1 @@
+"""Synthetic users measured against the real ones: fidelity and privacy reports."""
