@@ -232,8 +232,10 @@ def synthesize(
             | "Shards" >> beam.Create(shards)
             | "DrawUsers" >> beam.ParDo(_DrawUsers(population, weighted, list(numeric), seed))
             | "Sample" >> RunInference(handler)
+            # .tolist(): Python strings, which Beam's coder writes natively; numpy strings
+            # would be pickled one by one (most of the job's time in a profile)
             | "ByShard" >> beam.Map(lambda kv: (kv[0] // USERS_PER_SHARD, (
-                kv[0], kv[1].example, list(kv[1].inference["item_ids"]))))
+                kv[0], kv[1].example, kv[1].inference["item_ids"].tolist())))
             | "GroupShards" >> beam.GroupByKey()
             | "WriteShards" >> beam.ParDo(_WriteShard(parts_dir, list(numeric)))
         )

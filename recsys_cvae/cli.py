@@ -202,6 +202,10 @@ def _add_scoring_commands(sub: argparse._SubParsersAction) -> None:
                    "request logs carry the attributes the calls sent")
     p.add_argument("--out", help="where monitor.json and monitor.html go (default: "
                    "WORKDIR/monitor); thresholds: the config's [monitor] table")
+    p.epilog = ("Exit status: 0 every check passed, 3 a check failed (named on the last line), "
+                "1 could not run. Compare like with like: the same splits, each answered by one "
+                "model (e.g. two `candidates --export-dir` runs). Coverage and Gini are over "
+                "the items either side recommends.")
     _add_common(p)
 
     p = sub.add_parser(
@@ -231,6 +235,11 @@ def _add_scoring_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-base-path", required=True,
                    help="the base path TF Serving (or `serve`) watches; the export becomes its "
                    "next integer version, and BASE/promotions.jsonl records the decision")
+    p.epilog = ("Promotes the newest version under --export-base (default WORKDIR/export); "
+                "verifies it in a fresh process against --model-dir; writes both versions' "
+                "candidates for candidates.splits of --features-dir and compares them with "
+                "monitor (report in WORKDIR/promotion/). Exit status: 0 promoted, 3 refused "
+                "(the reason is printed and appended to BASE/promotions.jsonl), 1 could not run.")
     _add_common(p)
 
 

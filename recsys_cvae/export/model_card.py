@@ -78,7 +78,9 @@ def card_sections(provenance: Mapping[str, Any]) -> list[tuple[str, list[str], l
         + (f" at commit `{commit}`{' with local changes' if code.get('git_dirty') else ''}."
            if commit else " (installed package, no checkout)."),
         f"Created {provenance['created']}. Signatures: `recommend` (history + attributes → "
-        "top-K), `generate` (attributes only), `encode` (user embedding).",
+        "top-K), `generate` (attributes only), `encode` (user embedding), "
+        "`recommend_excluding` / `generate_excluding` (with a request's exclusions) and "
+        "`sample` (synthetic users' items).",
     ]
     if trained.get("refit_of"):
         details.append(
@@ -146,7 +148,7 @@ def card_sections(provenance: Mapping[str, Any]) -> list[tuple[str, list[str], l
             "Not evaluated yet: `recsys-cvae pipeline` (or `evaluate`) adds the test metrics "
             "per protocol to this export's provenance and rewrites this card."], []))
     else:
-        sections += _evaluation_sections(evaluation)
+        sections += _evaluation_sections(evaluation, bool(provenance.get("policy")))
     sections.append(_policy_section(provenance.get("policy")))
     sections.append(("Ethical considerations", [
         "Recommendations reflect the training population: groups that are thin in the data get "
@@ -168,7 +170,8 @@ def _policy_section(policy: Mapping[str, Any] | None) -> tuple[str, list[str], l
         return ("Policy in force", [
             "No serving-time policy is baked into this export: every catalogue item may be "
             "recommended to every user (`export --policy` adds one)."], [])
-    text = [f"Baked into every signature from `{policy['source']}`: "
+    text = [f"Baked into every ranking signature (not `sample`, which writes synthetic "
+            f"interaction logs) from `{policy['source']}`: "
             f"{policy['denied_items']} items are never recommended"
             + (f" ({policy['denied_not_in_catalogue']} more denied ids are not in the "
                "catalogue)" if policy.get("denied_not_in_catalogue") else "")
@@ -181,7 +184,8 @@ def _policy_section(policy: Mapping[str, Any] | None) -> tuple[str, list[str], l
     return ("Policy in force", text, [rules])
 
 
-def _evaluation_sections(evaluation: Mapping[str, Any]) -> list[tuple[str, list[str], list[Table]]]:
+def _evaluation_sections(evaluation: Mapping[str, Any], has_policy: bool = False
+                         ) -> list[tuple[str, list[str], list[Table]]]:
     rows = []
     for protocol, record in evaluation.items():
         for model, values in sorted(record["test"].items(),
@@ -225,7 +229,10 @@ def _evaluation_sections(evaluation: Mapping[str, Any]) -> list[tuple[str, list[
         ("Evaluation data and quantitative analyses", [
             "Each protocol holds out users or interactions the model did not train on "
             "(strong: unseen users; weak: unseen interactions of known users; temporal: later "
-            "interactions; cold: users with no history); baselines ran on the same splits."],
+            "interactions; cold: users with no history); baselines ran on the same splits. The "
+            "figures are those of each protocol's own model, which this export's settings were "
+            "selected with" + ("; they carry no policy, so the figures do not include this "
+                               "export's" if has_policy else "") + "."],
          [quantitative]),
         ("Per-group quality", [largest], [gaps, groups]),
         ("Cold-start behaviour", cold_text, []),

@@ -24,8 +24,10 @@ A policy file (`export --policy policy.toml`):
     item_categories = ["Horror"]
     attribute = "age"
     below = 18                         # numeric: value < below and/or value >= at_least
-    when_unknown = "apply"             # default: a user whose value is missing ("" or NaN)
-                                       # is treated as matching; "skip" to leave them out
+    when_unknown = "apply"             # default: a user whose value is unknown — missing
+                                       # ("" or NaN) or, for a categorical column, a value the
+                                       # model was not trained on ("North", " north") — is
+                                       # treated as matching; "skip" to leave them out
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class Rule:
     apply_when_unknown: bool
     categories: tuple[str, ...]
     items: tuple[int, ...]
+    known: tuple[str, ...] = ()  # the column's training vocabulary; others count as unknown
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +95,7 @@ class Policy:
         rules = tuple(
             Rule(**{**{k: v for k, v in rule.items() if k != "items"},
                     "values": tuple(rule["values"]), "categories": tuple(rule["categories"]),
+                    "known": tuple(rule.get("known", ())),
                     "items": tuple(index[i] for i in rule["items"])})
             for rule in data["rules"])
         return cls(data["source"], tuple(index[i] for i in data["deny"]),
@@ -148,8 +152,9 @@ def describe_condition(rule: Rule) -> str:
 def _applies_numpy(rule: Rule, values: Sequence[Any]) -> np.ndarray:
     if rule.categorical:
         values = ["" if v is None else str(v) for v in values]
-        return np.array([(v in rule.values) or (v == "" and rule.apply_when_unknown)
-                         for v in values], dtype=bool)
+        known = set(rule.known)
+        return np.array([(v in rule.values) or (rule.apply_when_unknown and (
+            v == "" or (bool(known) and v not in known))) for v in values], dtype=bool)
     numbers = np.array([math.nan if v is None else float(v) for v in values], dtype=np.float32)
     applies = np.ones(len(numbers), dtype=bool)
     if rule.below is not None:
@@ -164,6 +169,9 @@ def _applies_graph(rule: Rule, values: tf.Tensor) -> tf.Tensor:
         listed = tf.constant(rule.values or ("\0none",), tf.string)
         applies = tf.reduce_any(tf.equal(values[:, None], listed[None, :]), axis=1)
         unknown = tf.equal(values, "")
+        if rule.known:
+            known = tf.constant(rule.known, tf.string)
+            unknown |= ~tf.reduce_any(tf.equal(values[:, None], known[None, :]), axis=1)
     else:
         applies = tf.ones_like(values, tf.bool)
         if rule.below is not None:
@@ -182,9 +190,11 @@ def load_policy(
     item_ids: Sequence[str],
     inputs: Mapping[str, bool],
     default_items_file: str = "",
+    vocabularies: Mapping[str, Sequence[str]] | None = None,
 ) -> Policy:
     """Reads `path` (see the module docstring) against the export's catalogue `item_ids` and
-    its signature inputs (`inputs`: name -> categorical?).
+    its signature inputs (`inputs`: name -> categorical?). `vocabularies` (input -> training
+    values, for categorical inputs the model reads as sent) make other values "unknown".
 
     Raises:
       PolicyError: one line naming the file and the field (unknown key, attribute that is not
@@ -209,7 +219,9 @@ def load_policy(
         if items_file:
             items_file = os.path.join(os.path.dirname(os.path.abspath(path)), items_file)
         categories = _categories(path, items_file or default_items_file, item_ids)
-    rules = tuple(_rule(path, n, raw, inputs, categories) for n, raw in enumerate(rules_table))
+    rules = tuple(dataclasses.replace(rule, known=tuple((vocabularies or {}).get(
+        rule.attribute, ()))) if rule.categorical else rule
+        for rule in (_rule(path, n, raw, inputs, categories) for n, raw in enumerate(rules_table)))
     return Policy(
         source=os.path.abspath(path),
         deny=tuple(sorted({index[i] for i in deny_ids if i in index})),

@@ -326,9 +326,20 @@ def export_model(model_dir: str, export_base: str, config: ExportConfig) -> str:
     if config.policy:
         items_file = next((i["path"] for i in provenance["data"]["inputs"]
                            if i["role"] == "items"), "")
-        policy = load_policy(
-            config.policy, list(model.item_ids),
-            {i.name: i.is_categorical for i in S.serving_inputs(model.spec)}, items_file)
+        inputs = S.serving_inputs(model.spec)
+        # a categorical column the model reads as sent: values outside its vocabulary are
+        # unknown to the model, so a rule's when_unknown covers them (a derived one: not)
+        vocabularies = {i.name: model.spec.attribute_vocabulary(i.name) for i in inputs
+                        if i.is_categorical and i.attributes == (i.name,)
+                        and not model.spec.attribute(i.name).is_derived}
+        policy = load_policy(config.policy, list(model.item_ids),
+                             {i.name: i.is_categorical for i in inputs}, items_file, vocabularies)
+        if policy.deny_unknown:
+            logger.warning("%s: %d denied id(s) are not in the catalogue, e.g. %r (never "
+                           "recommended anyway; a typo?)", config.policy, len(policy.deny_unknown),
+                           policy.deny_unknown[0])
+        logger.info("policy %s: %d items denied, %d rule(s)", config.policy, len(policy.deny),
+                    len(policy.rules))
     return write_export(model, export_base, config.top_k,
                         training_metrics=metrics if tf.io.gfile.exists(metrics) else None,
                         chunk_size=config.top_k_chunk_size,

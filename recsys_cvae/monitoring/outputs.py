@@ -76,6 +76,9 @@ def _from_candidates(source: str, paths: list[str], users_file: str) -> Recommen
     attributes: dict[str, list[str]] = {}
     if users_file:
         profiles = _read_users(users_file)
+        if users and not any(u in profiles for u in users[:1000]):
+            raise MonitorInputError(f"--users {users_file}: none of {source}'s users are in it "
+                                    "(expected a users CSV whose first column is the user id)")
         columns = sorted({c for p in profiles.values() for c in p})
         attributes = {c: [profiles.get(u, {}).get(c, "") for u in users] for c in columns}
     return Recommendations(source, "candidates", items, scores, attributes)

@@ -33,7 +33,7 @@ from typing import Any
 from recsys_cvae.config import Config
 from recsys_cvae.export.policy import POLICY_FILE
 from recsys_cvae.export.provenance import provenance_path, read_provenance
-from recsys_cvae.export.saved_model import next_version
+from recsys_cvae.export.saved_model import ExportError, next_version
 from recsys_cvae.export.verification import verify_export
 from recsys_cvae.export_layout import newest_export
 from recsys_cvae.monitoring.run import run_monitor
@@ -121,17 +121,14 @@ def promote(
     reason = ""
     if served is not None:
         checks["served_validation"] = validation_score(served, metric)
-        if checks["new_validation"] is None or checks["served_validation"] is None:
-            reason = (f"no validation {metric} to compare in "
-                      f"{'the new export' if checks['new_validation'] is None else served}'s "
-                      "provenance")
-        elif checks["new_validation"] < checks["served_validation"]:
-            reason = (f"validation {metric} {checks['new_validation']:.4f} is below the served "
-                      f"version's {checks['served_validation']:.4f}")
-        reason = reason or policy_regression(served, new)
+        reason = _compare_validation(new, served, metric, checks) or policy_regression(
+            served, new)
     if not reason:
-        summary = verify_export(new, work.model)
-        checks["verified"] = summary.get("signatures", [])
+        try:
+            checks["verified"] = verify_export(new, work.model).get("signatures", [])
+        except ExportError as error:
+            reason = (f"it does not verify against {work.model} with the code installed now "
+                      f"(export it again with this code): {error}")
     if not reason and served is not None:
         checks["monitor"], reason = _monitor(work, served, new, config, generate_candidates,
                                              beam_args or [])
@@ -141,6 +138,26 @@ def promote(
         decision.promoted_to = _copy_in(new, base_path)
     _record(base_path, new, served, decision)
     return decision
+
+
+def _compare_validation(new: str, served: str, metric: str, checks: dict) -> str:
+    """Why the validation scores refuse the new export ("" when they do not). A served
+    version without a score (an export never evaluated) is compared on the other checks
+    only, so it cannot block every later promotion; a new export without one is refused
+    while the served version has one."""
+    new_score, served_score = checks["new_validation"], checks["served_validation"]
+    if _sha256(provenance_path(new)) == _sha256(provenance_path(served)):
+        return f"it is already served, as {served} (same provenance)"
+    if served_score is None:
+        checks["note"] = f"the served version has no validation {metric}: not compared"
+        return ""
+    if new_score is None:
+        return (f"the new export's provenance has no validation {metric} to compare with the "
+                f"served version's {served_score:.4f}; run `evaluate` (or `pipeline`) first")
+    if new_score < served_score:
+        return (f"validation {metric} {new_score:.4f} is below the served version's "
+                f"{served_score:.4f}")
+    return ""
 
 
 def _monitor(work: Workdir, served: str, new: str, config: Config,

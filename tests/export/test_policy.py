@@ -117,6 +117,32 @@ def test_no_signature_ever_returns_what_the_policy_forbids(
     assert allowed_genre_2 > 0  # the rule removes genre_2 for the north only
 
 
+def test_a_value_the_model_never_saw_counts_as_unknown(trained, features_dir, tmp_path):
+    # when_unknown = "apply" (the default) must cover "North" and " north" too: the model
+    # reads them as out-of-vocabulary, so a rule keyed on the profile must not be dodged
+    # by a spelling
+    spec = S.FeatureSpec.load(features_dir)
+    genre = items_table(features_dir)
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[[rules]]\nitem_categories = [\"genre_2\"]\nattribute = \"region\"\n"
+                      "values = [\"north\"]\n")
+    whole = len(spec.item_vocabulary())  # K = the catalogue: every allowed item comes back
+    export_dir = export_model(trained, str(tmp_path / "policy"),
+                              ExportConfig(top_k=whole, verify=False, policy=str(policy)))
+    rows = 3
+    inputs = {"age": tf.constant([45.0] * rows),  # 45: the age rule applies to no row
+              "region": tf.constant(["North", " north", "mars"]),
+              "device": tf.constant(["ios"] * rows), "plan": tf.constant(["free"] * rows)}
+    assert "North" not in spec.attribute_vocabulary("region")
+    genre_2 = {i for i, g in genre.items() if "genre_2" in g.split("|")}
+    plain = export_model(trained, str(tmp_path / "plain"), ExportConfig(top_k=whole,
+                                                                         verify=False))
+    without = tf.saved_model.load(plain).signatures["generate"](**inputs)["item_ids"]
+    assert set(without.numpy().astype(str).ravel()) & genre_2  # the rule has items to remove
+    answered = tf.saved_model.load(export_dir).signatures["generate"](**inputs)["item_ids"]
+    assert not set(answered.numpy().astype(str).ravel()) & genre_2
+
+
 def test_the_policy_export_verifies_in_a_fresh_process(policy_export, trained):
     export_dir, _ = policy_export
     summary = verify_export(export_dir, trained)

@@ -64,6 +64,15 @@ def test_first_and_tying_exports_go_in_a_worse_one_is_refused(models, features_d
     assert decision.checks["monitor"]["passed"]
     assert set(decision.checks["verified"]) >= {"recommend", "generate"}
 
+    decision = promote(work, str(base), config, generate_candidates)  # the same export again
+    assert not decision.promoted and "it is already served" in decision.reason
+
+    # an export that does not match its model folder (here: another model's) is refused
+    mismatch = workdir(tmp_path / "w3", features_dir, models["worse"])
+    export_model(models["good"], mismatch.export, ExportConfig(top_k=10, verify=False))
+    decision = promote(mismatch, str(base), config, generate_candidates)
+    assert not decision.promoted and "does not verify" in decision.reason, decision.reason
+
     worse = workdir(tmp_path / "w2", features_dir, models["worse"])
     export_model(models["worse"], worse.export, ExportConfig(top_k=10, verify=False))
     decision = promote(worse, str(base), config, generate_candidates)
@@ -71,7 +80,8 @@ def test_first_and_tying_exports_go_in_a_worse_one_is_refused(models, features_d
     assert sorted(n for n in os.listdir(base) if n.isdigit()) == ["1", "2"]
 
     entries = ledger(base)
-    assert [e["decision"] for e in entries] == ["promoted", "promoted", "refused"]
+    assert [e["decision"] for e in entries] == ["promoted", "promoted", "refused", "refused",
+                                                "refused"]
     assert entries[0]["new_provenance_sha256"] == sha256(provenance_path(first))
     assert entries[0]["served_version"] is None
     assert entries[1]["served_provenance_sha256"] == sha256(provenance_path(str(base / "1")))
