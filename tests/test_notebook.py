@@ -25,6 +25,7 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     assert len(images) >= 3  # metric@K curves, trade-offs, segments inline
     assert os.path.exists(tmp_path / "report" / "report.html")
     assert os.path.exists(tmp_path / "monitor" / "monitor.html")
+    assert os.path.exists(tmp_path / "synthetic" / "interactions.csv")
     assert os.path.exists(tmp_path / "export" / "1" / "assets.extra" / "model_card.html")
 
 
@@ -35,5 +36,5 @@ def test_notebook_is_valid_and_covers_every_stage():
     source = "\n".join(cell.source for cell in notebook.cells)
     for step in ("build_features", "train(", "export_model", "RecommenderClient",
                  "generate_candidates", "build_baselines", "evaluate(", "write_model_card",
-                 "run_monitor"):
+                 "run_monitor", "synthesize("):
         assert step in source
