@@ -30,3 +30,30 @@ def newest_export(export_base: str) -> str | None:
         and tf.io.gfile.exists(posixpath.join(base, n.rstrip("/"), SAVED_MODEL_FILE))
     ]
     return posixpath.join(base, str(max(versions))) if versions else None
+
+
+def next_version(export_base: str) -> int:
+    """1 + the largest integer-named entry of `export_base` (1 if there is none)."""
+    import tensorflow as tf
+
+    if not tf.io.gfile.isdir(export_base):
+        return 1
+    versions = [int(n.rstrip("/")) for n in tf.io.gfile.listdir(export_base)
+                if n.rstrip("/").isdigit()]
+    return max(versions, default=0) + 1
+
+
+def rename_to_next_version(temp_dir: str, export_base: str, attempts: int = 5) -> str:
+    """Renames a finished folder inside `export_base` to its next integer version: atomic,
+    so a server polling the base path never sees half a model; retries with a higher number
+    if another writer (an export, a promotion) took the version meanwhile."""
+    import tensorflow as tf
+
+    for _ in range(attempts):
+        export_dir = posixpath.join(export_base, str(next_version(export_base)))
+        try:
+            tf.io.gfile.rename(temp_dir, export_dir, overwrite=False)
+            return export_dir
+        except (tf.errors.AlreadyExistsError, tf.errors.FailedPreconditionError):
+            continue
+    raise RuntimeError(f"{export_base}: could not claim a free version after {attempts} tries")

@@ -71,6 +71,7 @@ from recsys_cvae.export.model_card import write_model_card
 from recsys_cvae.export.policy import POLICY_FILE, Policy, load_policy
 from recsys_cvae.export.provenance import build_provenance, write_provenance
 from recsys_cvae.export.warmup import write_warmup_requests
+from recsys_cvae.export_layout import rename_to_next_version
 from recsys_cvae.model.catalogue_top_k import ONE_PIECE_MAX_LOGITS, catalogue_top_k, uses_chunks
 from recsys_cvae.model.model_dir import METRICS_FILE, load_trained_model, read_trained_on
 from recsys_cvae.model.sampling import Z_STREAM, gumbel_top_k, row_noise
@@ -386,34 +387,13 @@ def write_export(
             write_provenance(temp_dir, {
                 **provenance, "policy": None if policy is None else policy.summary()})
             write_model_card(temp_dir)
-        export_dir = _rename_to_next_version(temp_dir, export_base)
+        export_dir = rename_to_next_version(temp_dir, export_base)
     except Exception:
         if tf.io.gfile.exists(temp_dir):
             tf.io.gfile.rmtree(temp_dir)
         raise
     logger.info("exported SavedModel to %s (top_k=%d)", export_dir, module.top_k)
     return export_dir
-
-
-def next_version(export_base: str) -> int:
-    """1 + the largest integer-named entry of `export_base` (1 if there is none)."""
-    if not tf.io.gfile.isdir(export_base):
-        return 1
-    versions = [int(n.rstrip("/")) for n in tf.io.gfile.listdir(export_base)
-                if n.rstrip("/").isdigit()]
-    return max(versions, default=0) + 1
-
-
-def _rename_to_next_version(temp_dir: str, export_base: str, attempts: int = 5) -> str:
-    """Renames into place; retries with a higher number if another export took the version."""
-    for _ in range(attempts):
-        export_dir = posixpath.join(export_base, str(next_version(export_base)))
-        try:
-            tf.io.gfile.rename(temp_dir, export_dir, overwrite=False)
-            return export_dir
-        except (tf.errors.AlreadyExistsError, tf.errors.FailedPreconditionError):
-            continue
-    raise ExportError(f"{export_base}: could not claim a free version after {attempts} tries")
 
 
 def _write_assets_extra(module: ServingModule, directory: str, trained_on: dict) -> None:

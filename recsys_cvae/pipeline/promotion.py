@@ -33,9 +33,9 @@ from typing import Any
 from recsys_cvae.config import Config
 from recsys_cvae.export.policy import POLICY_FILE
 from recsys_cvae.export.provenance import provenance_path, read_provenance
-from recsys_cvae.export.saved_model import ExportError, next_version
+from recsys_cvae.export.saved_model import ExportError
 from recsys_cvae.export.verification import verify_export
-from recsys_cvae.export_layout import newest_export
+from recsys_cvae.export_layout import newest_export, rename_to_next_version
 from recsys_cvae.monitoring.run import run_monitor
 from recsys_cvae.pipeline.cvae_runs import CandidatesJob
 from recsys_cvae.pipeline.workdir import Workdir
@@ -186,17 +186,11 @@ def _copy_in(new: str, base_path: str) -> str:
     """Copies `new` to `base_path/<next version>` through a temporary folder and a rename."""
     temporary = os.path.join(base_path, f".tmp-promote-{uuid.uuid4().hex}")
     shutil.copytree(new, temporary)
-    for _ in range(5):
-        target = os.path.join(base_path, str(next_version(base_path)))
-        try:
-            os.rename(temporary, target)  # fails if another promotion took the number
-            return target
-        except OSError:
-            if os.path.exists(target):
-                continue
-            raise
-    shutil.rmtree(temporary, ignore_errors=True)
-    raise RuntimeError(f"{base_path}: could not claim a free version")
+    try:
+        return rename_to_next_version(temporary, base_path)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
 
 
 def _record(base_path: str, new: str, served: str | None, decision: Decision) -> None:

@@ -93,6 +93,7 @@ def test_overrides_and_a_population_file_choose_who_is_synthesized(
         run(export_dir, features_dir, tmp_path / "none", users=5, overrides=["colour=red"])
 
 
+@pytest.mark.slow  # a fresh CLI process: TensorFlow and Beam imported again
 def test_the_command_writes_from_an_empty_folder(export_dir, features_dir, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "recsys_cvae.cli", "synthesize", "--features-dir", features_dir,

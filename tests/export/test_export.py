@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from recsys_cvae import export_layout as layout
 from recsys_cvae import spec as S
 from recsys_cvae.config import Config, ExportConfig, ModelConfig
 from recsys_cvae.export import saved_model as E
@@ -235,15 +236,15 @@ def test_versions_count_up_and_no_temporary_folder_is_left(model, exported, expo
     second = E.write_export(model, export_base, top_k=5)
     assert os.path.basename(second) == "2"
     assert sorted(os.listdir(export_base)) == ["1", "2", "not-a-version"]
-    assert E.next_version(export_base) == 3
-    assert E.next_version(os.path.join(export_base, "missing")) == 1
+    assert layout.next_version(export_base) == 3
+    assert layout.next_version(os.path.join(export_base, "missing")) == 1
     info = EV.read_export_info(second)
     assert info["top_k"] == 5 and info["num_items"] == len(model.item_ids)
 
 
 def test_a_version_claimed_meanwhile_is_skipped(model, tmp_path, monkeypatch):
     base = str(tmp_path / "export")
-    real_next_version = E.next_version
+    real_next_version = layout.next_version
     claimed = []
 
     def racing_next_version(export_base):
@@ -253,7 +254,7 @@ def test_a_version_claimed_meanwhile_is_skipped(model, tmp_path, monkeypatch):
             claimed.append(version)
         return version
 
-    monkeypatch.setattr(E, "next_version", racing_next_version)
+    monkeypatch.setattr(layout, "next_version", racing_next_version)
     export_dir = E.write_export(model, base, top_k=3)
     assert claimed == [1] and os.path.basename(export_dir) == "2"
     assert sorted(os.listdir(base)) == ["1", "2"]

@@ -143,6 +143,7 @@ def test_a_value_the_model_never_saw_counts_as_unknown(trained, features_dir, tm
     assert not set(answered.numpy().astype(str).ravel()) & genre_2
 
 
+@pytest.mark.slow  # a fresh process loads the export twice (TF2 and session loaders)
 def test_the_policy_export_verifies_in_a_fresh_process(policy_export, trained):
     export_dir, _ = policy_export
     summary = verify_export(export_dir, trained)

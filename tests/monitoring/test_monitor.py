@@ -104,6 +104,7 @@ def test_the_same_candidates_pass_and_the_shifted_ones_fail_by_name(
     assert "monitor: FAILED item_jsd" in shifted.stdout + shifted.stderr
 
 
+@pytest.mark.slow  # two real servers answering gRPC calls
 def test_request_logs_from_a_real_server_are_monitored(exports, features_dir, tmp_path):
     logs = {}
     for name, base in exports.items():

@@ -48,6 +48,7 @@ def sha256(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
+@pytest.mark.slow  # two verifications and four Beam candidate runs (~40 s)
 def test_first_and_tying_exports_go_in_a_worse_one_is_refused(models, features_dir, tmp_path):
     base = tmp_path / "serving"
     config = tiny_model_config(4)
