@@ -181,6 +181,13 @@ def weighted_quantile(samples: list[tuple[list[float], int]], q: float) -> float
     Each sampled value stands for size / len(sample) values; exact when no bucket holds more
     than QUANTILE_POINTS timestamps, otherwise within about 1/QUANTILE_POINTS in rank.
     """
+    quantiles = weighted_quantiles(samples, [q])
+    return None if quantiles is None else quantiles[0]
+
+
+def weighted_quantiles(samples: list[tuple[list[float], int]],
+                       qs: list[float]) -> list[float] | None:
+    """`weighted_quantile` for several q at once (one sort)."""
     values, weights = [], []
     for sample, size in sorted(samples, key=lambda s: (s[1], s[0])):
         values += sample
@@ -189,8 +196,19 @@ def weighted_quantile(samples: list[tuple[list[float], int]], q: float) -> float
         return None
     order = np.lexsort((np.array(weights), np.array(values)))
     cumulative = np.cumsum(np.array(weights)[order])
-    index = int(np.searchsorted(cumulative, q * cumulative[-1], side="left"))
-    return float(np.array(values)[order][min(index, len(values) - 1)])
+    ordered = np.array(values)[order]
+    indices = np.searchsorted(cumulative, np.asarray(qs) * cumulative[-1], side="left")
+    return [float(ordered[min(int(i), len(values) - 1)]) for i in indices]
+
+
+TIME_QUANTILES = 101  # points of the interactions' time distribution kept in the spec
+
+
+def time_quantiles(summary: dict) -> list[float] | None:
+    """The interactions' timestamps at q = 0, 0.01, ..., 1 (what `synthesize --timestamps`
+    draws from); None without timestamps."""
+    return weighted_quantiles(summary.get("samples", []),
+                              list(np.linspace(0.0, 1.0, TIME_QUANTILES)))
 
 
 def decide_kinds(scanned: dict, layout: L.Layout) -> dict[str, str]:
@@ -399,6 +417,7 @@ def feature_spec(
         temporal_cut_timestamp=summary["temporal_cut_timestamp"],
         kind_reasons=summary.get("kind_reasons", {}),
         time_window=summary.get("time_window"),
+        time_quantiles=summary.get("time_quantiles"),
         inputs=[
             {"role": role, **digest, **{key: files.get(digest["path"], {}).get(key, 0)
                                         for key in ("rows_read", "rows_valid",

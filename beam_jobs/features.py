@@ -105,6 +105,7 @@ class _WriteSummaryFn(beam.DoFn):
             "filter": {"rounds": state.rounds, "converged": state.converged},
             "temporal_cut_timestamp": cut,
             "time_window": F.time_window(summary),
+            "time_quantiles": F.time_quantiles(summary),
             "kind_reasons": F.kind_reasons(summary["scanned"], self.layout),
             "users_without_profile": (
                 summary["without_profile"] if L.USERS in self.layout.paths else None

@@ -13,6 +13,10 @@ Output, in the generic layout `recsys-cvae features` reads back:
 
     DIR/users.csv          user_id + one column per signature input (raw profile columns)
     DIR/interactions.csv   user_id,item_id (one row per sampled item, in sampled order)
+                           [,timestamp with `timestamps`: each drawn from the source's
+                           distribution of interaction times (101 quantiles the feature job
+                           keeps), a user's sorted ascending in sampled order; the spread of
+                           one user's activity in time is not modelled]
 
 Shards of `USERS_PER_SHARD` users are sorted and written by the pipeline (`DIR/.parts/`), then
 concatenated in shard order by the driver (a streaming copy, no shard held in memory twice).
@@ -174,8 +178,17 @@ class _DrawUsers(beam.DoFn):
 class _WriteShard(beam.DoFn):
     """(shard, [(index, inputs, items)]) -> the shard's users and interactions part files."""
 
-    def __init__(self, parts_dir: str, inputs: Sequence[str]) -> None:
-        self.parts_dir, self.inputs = parts_dir, list(inputs)
+    def __init__(self, parts_dir: str, inputs: Sequence[str], seed: int,
+                 time_quantiles: Sequence[float] | None) -> None:
+        self.parts_dir, self.inputs, self.seed = parts_dir, list(inputs), seed
+        self.time_quantiles = list(time_quantiles) if time_quantiles else None
+
+    def _times(self, index: int, count: int) -> list[int]:
+        """`count` timestamps from the source's time distribution (inverse CDF), sorted."""
+        rng = np.random.default_rng([self.seed, index, 1])
+        grid = np.linspace(0.0, 1.0, len(self.time_quantiles))
+        return np.sort(np.interp(rng.random(count), grid, self.time_quantiles)).astype(
+            np.int64).tolist()
 
     def process(self, element) -> Iterator[int]:
         shard, rows = element
@@ -185,7 +198,12 @@ class _WriteShard(beam.DoFn):
         for index, inputs, items in sorted(rows, key=lambda row: row[0]):
             user = f"synth{index:09d}"
             user_writer.writerow([user, *[_text(inputs.get(n)) for n in self.inputs]])
-            item_writer.writerows([user, item] for item in items if item)
+            items = [item for item in items if item]
+            if self.time_quantiles is None:
+                item_writer.writerows([user, item] for item in items)
+            else:
+                item_writer.writerows([user, item, time] for item, time in
+                                      zip(items, self._times(index, len(items))))
             count += 1
         for name, text in (("users", users), ("interactions", interactions)):
             with FileSystems.create(posixpath.join(self.parts_dir,
@@ -204,7 +222,7 @@ def _text(value: Any) -> str:
 
 def synthesize(
     export_dir: str, features_dir: str, out_dir: str, num_users: int, *, seed: int = 0,
-    overrides: Sequence[str] = (), population_file: str = "",
+    overrides: Sequence[str] = (), population_file: str = "", timestamps: bool = False,
     pipeline_args: list[str] | None = None, save_main_session: bool = True,
     test_pipeline: beam.Pipeline | None = None, batch_size: int = 256,
 ) -> dict[str, Any]:
@@ -212,6 +230,10 @@ def synthesize(
     if not 0 < num_users <= MAX_USERS:
         raise SynthesisError(f"--users must be 1..{MAX_USERS:,}, got {num_users}")
     spec = S.FeatureSpec.load(features_dir)
+    time_quantiles = spec.counts.get("time_quantiles") if timestamps else None
+    if timestamps and not time_quantiles:
+        raise SynthesisError(f"--timestamps: {features_dir} records no interaction times (the "
+                             "source has no timestamp column, or the features predate them)")
     numeric = {i.name: not i.is_categorical for i in S.serving_inputs(spec)}
     population = training_population(spec)
     restriction = dict(parse_override(text, numeric) for text in overrides)
@@ -237,12 +259,14 @@ def synthesize(
             | "ByShard" >> beam.Map(lambda kv: (kv[0] // USERS_PER_SHARD, (
                 kv[0], kv[1].example, kv[1].inference["item_ids"].tolist())))
             | "GroupShards" >> beam.GroupByKey()
-            | "WriteShards" >> beam.ParDo(_WriteShard(parts_dir, list(numeric)))
+            | "WriteShards" >> beam.ParDo(_WriteShard(parts_dir, list(numeric), seed,
+                                                      time_quantiles))
         )
     os.makedirs(out_dir, exist_ok=True)
     counts = {}
+    interaction_columns = ["user_id", "item_id"] + (["timestamp"] if timestamps else [])
     for name, header in (("users", ["user_id", *numeric]), ("interactions",
-                                                            ["user_id", "item_id"])):
+                                                            interaction_columns)):
         target = os.path.join(out_dir, f"{name}.csv")
         with open(target, "w", newline="") as out:
             csv.writer(out).writerow(header)

@@ -222,6 +222,9 @@ def _add_scoring_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--export-dir", help="export version folder or base (default: the newest "
                    "under WORKDIR/export; WORKDIR/protocols/strong/export never saw the test "
                    "users, which keeps train-on-synthetic honest)")
+    p.add_argument("--timestamps", action="store_true",
+                   help="add a timestamp column, drawn from the source's distribution of "
+                   "interaction times")
     p.add_argument("--no-report", action="store_true",
                    help="skip the fidelity and privacy report (synthesis_report.json/.html)")
     p.epilog = ("--set INPUT=VALUE (no dot in INPUT) restricts the copied training users, e.g. "
@@ -417,7 +420,7 @@ def run_synthesize(args: argparse.Namespace, beam_args: list[str]) -> int:
     overrides = [text for text in args.set if "." not in text.partition("=")[0]]
     written = synthesize(export_dir, work.features, args.out, args.users, seed=args.seed,
                          overrides=overrides, population_file=args.population,
-                         pipeline_args=beam_args)
+                         timestamps=args.timestamps, pipeline_args=beam_args)
     print(f"synthesized {written['users']:,} users, {written['interactions']:,} interactions "
           f"in {os.path.abspath(args.out)} (seed {args.seed})")
     if args.no_report:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 
@@ -157,3 +158,23 @@ def test_membership_inference_runs_on_a_protocol_model(features_dir, tmp_path):
     train(features_dir, model_dir, tiny_model_config(3))
     auc = membership_auc(model_dir, S.FeatureSpec.load(features_dir), max_users=200)
     assert 0.3 < auc < 0.9
+
+
+def test_timestamps_follow_the_sources_times(export_dir, features_dir, tmp_path):
+    run(export_dir, features_dir, tmp_path / "timed", users=200, timestamps=True, seed=4)
+    interactions = rows(tmp_path / "timed" / "interactions.csv")
+    assert list(interactions[0]) == ["user_id", "item_id", "timestamp"]
+    times = np.array([int(r["timestamp"]) for r in interactions])
+    spec = S.FeatureSpec.load(features_dir)
+    source = next(i["path"] for i in spec.counts["inputs"] if i["role"] == "interactions")
+    real = np.array([int(r["timestamp"]) for r in rows(source)])
+    assert real.min() <= times.min() and times.max() <= real.max()
+    for q in (25, 50, 75):  # the same distribution: quartiles within 3% of the time range
+        assert abs(np.percentile(times, q) - np.percentile(real, q)) < 0.03 * np.ptp(real)
+    by_user: dict[str, list[int]] = {}
+    for r in interactions:
+        by_user.setdefault(r["user_id"], []).append(int(r["timestamp"]))
+    assert all(v == sorted(v) for v in by_user.values())
+    spec = build_features(str(tmp_path / "timed"), str(tmp_path / "features"), FeaturesConfig(),
+                          save_main_session=False, quiet=True)
+    assert "temporal" in spec.protocols  # the temporal protocol needs the times
