@@ -121,27 +121,42 @@ def weighted_population(path: str, population: Sequence[Profile], numeric: Mappi
     (all of them when none matches), and its weight."""
     try:
         with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            rows, header = list(reader), reader.fieldnames or []
     except OSError as error:
         raise SynthesisError(f"{path}: cannot read the population file ({error})") from None
-    if not rows or "weight" not in rows[0]:
+    if not rows or "weight" not in header:
         raise SynthesisError(f"{path}: expected a header with attribute columns and `weight`")
-    unknown = set(rows[0]) - set(numeric) - {"weight"}
+    unknown = set(header) - set(numeric) - {"weight"}
     if unknown:
         raise SynthesisError(f"{path}: column(s) {sorted(unknown)} are not signature inputs "
                              f"({', '.join(numeric)})")
     weighted = []
     for line, row in enumerate(rows, start=2):
+        if None in row or None in row.values():
+            raise SynthesisError(f"{path}: line {line}: expected {len(header)} fields, like "
+                                 "the header")
         try:
             weight = float(row["weight"])
         except ValueError:
+            weight = math.nan
+        if not (math.isfinite(weight) and weight >= 0):
             raise SynthesisError(f"{path}: line {line}: weight {row['weight']!r} is not a "
-                                 "number") from None
+                                 "number ≥ 0")
         values = {k: v for k, v in row.items() if k != "weight" and v != ""}
+        for name, value in values.items():
+            if numeric[name]:
+                try:
+                    float(value)
+                except ValueError:
+                    raise SynthesisError(f"{path}: line {line}: {name} {value!r} is not a "
+                                         "number") from None
         overrides = {k: (float(v), float(v)) if numeric[k] else v for k, v in values.items()}
         lengths = [p.length for p in population if _matches(p, overrides)] or [
             p.length for p in population]
         weighted.append((Profile(values, 0), weight, lengths))
+    if not sum(w for _, w, _ in weighted) > 0:
+        raise SynthesisError(f"{path}: every weight is 0; nothing to draw")
     return weighted
 
 
@@ -229,6 +244,8 @@ def synthesize(
     """Writes `num_users` synthetic users to `out_dir` (module docstring); returns counts."""
     if not 0 < num_users <= MAX_USERS:
         raise SynthesisError(f"--users must be 1..{MAX_USERS:,}, got {num_users}")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise SynthesisError(f"--out {out_dir}: exists and is not a folder")
     spec = S.FeatureSpec.load(features_dir)
     time_quantiles = spec.counts.get("time_quantiles") if timestamps else None
     if timestamps and not time_quantiles:

@@ -228,8 +228,11 @@ def _add_scoring_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-report", action="store_true",
                    help="skip the fidelity and privacy report (synthesis_report.json/.html)")
     p.epilog = ("--set INPUT=VALUE (no dot in INPUT) restricts the copied training users, e.g. "
-                "--set device=ios --set age=25..34; --set section.field=value stays a config "
-                "override.")
+                "--set device=ios --set age=25..34 (inclusive); --set section.field=value stays "
+                "a config override. A population file's omitted or empty columns are unknown "
+                "for every user; weights must be ≥ 0. --out is a local folder (files in it are "
+                "replaced). Beam flags go after a lone `--`. Exit status 0 once the files are "
+                "written (the report says which goals are met), 1 when it could not run.")
     _add_common(p)
 
     p = sub.add_parser(
@@ -408,8 +411,13 @@ def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
 
 
 def run_synthesize(args: argparse.Namespace, beam_args: list[str]) -> int:
-    """Synthetic users; prints what was written."""
+    """Synthetic users; prints what was written. Exit status 0 once the files are written,
+    whether the report's goals are met or not (the report says which)."""
+    if args.users < 1:
+        raise ValueError(f"--users must be at least 1, got {args.users}")
     with _native_stderr_hidden(not args.debug):
+        import tensorflow  # noqa: F401  (its C++ start-up lines, hidden as for every command)
+
         from beam_jobs.synthesize import synthesize  # deferred: Beam and TensorFlow
         from recsys_cvae.export_layout import newest_export
 
@@ -432,7 +440,7 @@ def run_synthesize(args: argparse.Namespace, beam_args: list[str]) -> int:
     protocol_model = os.path.join(work.root, "protocols", "strong", "model")
     report = synthesis_report(work.features, args.out, export_dir,
                               protocol_model if os.path.isdir(protocol_model) else "",
-                              seed=args.seed)
+                              seed=args.seed, restricted=bool(overrides or args.population))
     data, html_page = page.write(report, args.out)
     print("goals: " + ", ".join(f"{name} {'met' if met else 'NOT met' if met is False else '—'}"
                                 for name, met in report["goals"].items()))

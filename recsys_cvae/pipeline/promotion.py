@@ -132,8 +132,9 @@ def promote(
     if not reason and served is not None:
         checks["monitor"], reason = _monitor(work, served, new, config, generate_candidates,
                                              beam_args or [])
-    decision = Decision(promoted=not reason, reason=reason or "every check passed",
-                        checks=checks)
+    passed = ("every check passed" if served is not None else "the first version: verified "
+              "(no served version to compare with or monitor against)")
+    decision = Decision(promoted=not reason, reason=reason or passed, checks=checks)
     if decision.promoted:
         decision.promoted_to = _copy_in(new, base_path)
     _record(base_path, new, served, decision)

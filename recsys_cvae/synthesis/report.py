@@ -122,7 +122,7 @@ def fidelity(real: np.ndarray, synthetic: np.ndarray, real_attributes: Mapping[s
              synthetic_attributes: Mapping[str, list], numeric: Mapping[str, bool],
              seed: int = 0) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
-    rows = []
+    rows, skipped = [], 0
     everyone = [("all", "all", np.ones(len(real), bool), np.ones(len(synthetic), bool))]
     for name, segment, real_mask, synthetic_mask in everyone + _segments(
             real_attributes, synthetic_attributes, numeric):
@@ -130,6 +130,7 @@ def fidelity(real: np.ndarray, synthetic: np.ndarray, real_attributes: Mapping[s
         synthetic_rows = np.flatnonzero(synthetic_mask)
         half = len(real_rows) // 2
         if half < MIN_SEGMENT_USERS // 2 or len(synthetic_rows) < half:
+            skipped += name != "all"  # too few real users, or fewer synthetic than half
             continue
         a, b = real[real_rows[:half]], real[real_rows[half:2 * half]]
         s = synthetic[rng.choice(synthetic_rows, half, replace=False)]
@@ -146,7 +147,7 @@ def fidelity(real: np.ndarray, synthetic: np.ndarray, real_attributes: Mapping[s
                                                                    ("synthetic", synthetic))}
     ratios = [r["ratio"] for r in rows if r["ratio"] is not None and r["attribute"] != "all"]
     return {"popularity_spearman": _spearman(real.sum(0), synthetic.sum(0)),
-            "segments": rows, "lengths": lengths,
+            "segments": rows, "lengths": lengths, "skipped_segments": skipped,
             "worst_segment_ratio": max(ratios) if ratios else None,
             "mean_segment_ratio": float(np.mean(ratios)) if ratios else None}
 
@@ -243,7 +244,8 @@ def membership_auc(model_dir: str, spec: S.FeatureSpec, max_users: int = 2000,
 
 
 def synthesis_report(features_dir: str, synthetic_dir: str, export_dir: str = "",
-                     membership_model_dir: str = "", seed: int = 0) -> dict[str, Any]:
+                     membership_model_dir: str = "", seed: int = 0,
+                     restricted: bool = False) -> dict[str, Any]:
     """The report's figures (module docstring), with the goals and which are met.
     `export_dir` (the generator) is recorded, and whether it trained on the real test users
     (the served refit did: train-on-synthetic is then optimistic; a protocol export did not)."""
@@ -272,6 +274,10 @@ def synthesis_report(features_dir: str, synthetic_dir: str, export_dir: str = ""
     trained_on = _trained_on(export_dir)
     report = {
         "export_dir": export_dir,
+        "membership_model": membership_model_dir or None,
+        # --set / --population: the synthetic users are a chosen population, compared here
+        # with every real user, so the fidelity figures measure the choice as much as the model
+        "restricted_population": restricted,
         "generator_saw_test_users": bool(trained_on.get("refit_of")) or (
             spec.protocol_split("test") in trained_on.get("splits", [])),
         "real_users": len(real_users), "synthetic_users": len(profiles),

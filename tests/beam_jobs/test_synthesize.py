@@ -94,6 +94,27 @@ def test_overrides_and_a_population_file_choose_who_is_synthesized(
         run(export_dir, features_dir, tmp_path / "none", users=5, overrides=["colour=red"])
 
 
+@pytest.mark.parametrize("text, message", [
+    ("device,weight\nios,-2\n", "line 2: weight '-2' is not a number ≥ 0"),
+    ("device,weight\nios,nan\n", "line 2: weight 'nan' is not a number ≥ 0"),
+    ("device,weight\nios,0\nweb,0\n", "every weight is 0"),
+    ("device,age,weight\nios,old,1\n", "line 2: age 'old' is not a number"),
+    ("device,age,weight\nios\n", "line 2: expected 3 fields"),
+    ("device,weight\nios,1,extra\n", "line 2: expected 2 fields"),
+])
+def test_a_bad_population_file_is_one_line(export_dir, features_dir, tmp_path, text, message):
+    population = tmp_path / "population.csv"
+    population.write_text(text)
+    with pytest.raises(SynthesisError) as error:
+        run(export_dir, features_dir, tmp_path / "out", users=5,
+            population_file=str(population))
+    assert str(error.value) == f"{population}: {message}" or (
+        str(error.value).startswith(f"{population}: {message}"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SynthesisError, match="exists and is not a folder"):
+        run(export_dir, features_dir, tmp_path / "file", users=5)
+
+
 @pytest.mark.slow  # a fresh CLI process: TensorFlow and Beam imported again
 def test_the_command_writes_from_an_empty_folder(export_dir, features_dir, tmp_path):
     result = subprocess.run(
