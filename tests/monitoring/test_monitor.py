@@ -83,6 +83,7 @@ def monitor(*args: str, cwd: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.slow  # a model, two exports and two Beam candidate runs (~25 s)
 def test_the_same_candidates_pass_and_the_shifted_ones_fail_by_name(
         candidates, features_dir, tmp_path):
     same = monitor("--reference", candidates["plain"], "--current", candidates["plain"],
