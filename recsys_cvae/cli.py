@@ -308,7 +308,7 @@ def _split_beam_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 def _resolve_config(args: argparse.Namespace) -> Config:
     overrides = list(args.set)
     if args.command == "synthesize":  # INPUT=VALUE restricts the synthetic users instead
-        overrides = [text for text in overrides if "." in text.partition("=")[0]]
+        overrides = [text for text in overrides if _is_config_override(text)]
     if getattr(args, "strategy", None):
         overrides.append(f"train.strategy={args.strategy}")
     if getattr(args, "epochs", None) is not None:
@@ -410,6 +410,11 @@ def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
     return 0
 
 
+def _is_config_override(text: str) -> bool:
+    """`--set section.field=value` (a dot before "="), not synthesize's `INPUT=VALUE`."""
+    return "." in text.partition("=")[0]
+
+
 def run_synthesize(args: argparse.Namespace, beam_args: list[str]) -> int:
     """Synthetic users; prints what was written. Exit status 0 once the files are written,
     whether the report's goals are met or not (the report says which)."""
@@ -425,7 +430,7 @@ def run_synthesize(args: argparse.Namespace, beam_args: list[str]) -> int:
     export_dir = newest_export(args.export_dir or work.export)
     if export_dir is None:
         raise FileNotFoundError(f"{args.export_dir or work.export}: no export; run export first")
-    overrides = [text for text in args.set if "." not in text.partition("=")[0]]
+    overrides = [text for text in args.set if not _is_config_override(text)]
     written = synthesize(export_dir, work.features, args.out, args.users, seed=args.seed,
                          overrides=overrides, population_file=args.population,
                          timestamps=args.timestamps, pipeline_args=beam_args)

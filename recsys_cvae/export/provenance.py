@@ -6,7 +6,7 @@ trained it, with which settings and code, how it scored — must travel with it,
 workdir that is long gone. `export` writes what is known then (data, features, config, code,
 training and validation); the pipeline adds the test metrics per protocol once its evaluation
 has run (`record_evaluation`), before anything serves the export. `serve` logs a line of it
-when it loads a version, and the model card (`recsys_cvae.governance`) is written from it.
+when it loads a version, and the model card (`export.model_card`) is written from it.
 """
 
 from __future__ import annotations

@@ -152,8 +152,8 @@ def _segments(reference: Recommendations, current: Recommendations, catalogue: l
         for value in sorted(set(ref_labels) & set(cur_labels) - {""}):
             ref_rows = [r for r, v in enumerate(ref_labels) if v == value]
             cur_rows = [r for r, v in enumerate(cur_labels) if v == value]
-            ref_counts = _counts(reference.items, ref_rows)
-            cur_counts = _counts(current.items, cur_rows)
+            ref_counts = exposure(reference, ref_rows)
+            cur_counts = exposure(current, cur_rows)
             enough = min(len(ref_rows), len(cur_rows)) >= min_users
             rows.append({
                 "attribute": attribute, "segment": value,
@@ -164,14 +164,6 @@ def _segments(reference: Recommendations, current: Recommendations, catalogue: l
                                       _distribution(cur_counts, catalogue)) if enough else None,
             })
     return rows
-
-
-def _counts(items: list[list[str]], rows: list[int]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for r in rows:
-        for item in items[r]:
-            counts[item] = counts.get(item, 0) + 1
-    return counts
 
 
 def compare(reference: Recommendations, current: Recommendations,

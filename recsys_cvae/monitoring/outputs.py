@@ -19,7 +19,7 @@ import csv
 import dataclasses
 import glob
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -153,14 +153,12 @@ def _text(value) -> str:
     return str(value)
 
 
-def exposure(recommendations: Recommendations) -> Mapping[str, int]:
-    """item -> times recommended (every position of every list)."""
+def exposure(recommendations: Recommendations,
+             rows: Iterable[int] | None = None) -> Mapping[str, int]:
+    """item -> times recommended (every position of every list), to all users or to `rows`."""
+    lists = recommendations.items if rows is None else (recommendations.items[r] for r in rows)
     counts: dict[str, int] = {}
-    for row in recommendations.items:
+    for row in lists:
         for item in row:
             counts[item] = counts.get(item, 0) + 1
     return counts
-
-
-def rows_of(recommendations: Recommendations, attribute: str, value: str) -> Iterator[int]:
-    return (r for r, v in enumerate(recommendations.attributes[attribute]) if v == value)

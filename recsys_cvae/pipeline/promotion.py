@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ from recsys_cvae.export.provenance import provenance_path, read_provenance
 from recsys_cvae.export.saved_model import ExportError
 from recsys_cvae.export.verification import verify_export
 from recsys_cvae.export_layout import newest_export, rename_to_next_version
+from recsys_cvae.file_digests import file_digest
 from recsys_cvae.monitoring.run import run_monitor
 from recsys_cvae.pipeline.cvae_runs import CandidatesJob
 from recsys_cvae.pipeline.workdir import Workdir
@@ -99,10 +99,7 @@ def policy_regression(served: str, new: str) -> str:
 
 
 def _sha256(path: str) -> str | None:
-    if not os.path.exists(path):
-        return None
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    return file_digest(path)["sha256"] if os.path.exists(path) else None
 
 
 def promote(

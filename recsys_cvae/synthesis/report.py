@@ -255,7 +255,11 @@ def synthesis_report(features_dir: str, synthetic_dir: str, export_dir: str = ""
     index = {item: i for i, item in enumerate(items)}
     inputs = S.serving_inputs(spec)
     numeric = {i.name: not i.is_categorical for i in inputs}
-    real_users = _users(spec, refit_splits(spec) or list(spec.splits))
+    train, validation, test = (spec.protocol_split(role)
+                               for role in ("train", "validation", "test"))
+    every = list(refit_splits(spec) or spec.splits)
+    by_split = {split: _users(spec, [split]) for split in {*every, train, validation, test}}
+    real_users = [user for split in every for user in by_split[split]]
     real_users = [real_users[i] for i in rng.permutation(len(real_users))[:MAX_USERS]]
     real = _matrix([u[S.HISTORY] + u[S.TARGETS] for u in real_users], index)
     real_profiles = [S.inputs_from_attributes(spec, u) for u in real_users]
@@ -266,8 +270,7 @@ def synthesis_report(features_dir: str, synthetic_dir: str, export_dir: str = ""
     synthetic_attributes = {n: [p.get(n, "") for p in profiles] for n in numeric}
 
     def held_out(split: str) -> tuple[np.ndarray, np.ndarray]:
-        users = _users(spec, [split])
-        users = [u for u in users if u[S.TARGETS]]
+        users = [u for u in by_split[split] if u[S.TARGETS]]
         return _matrix([u[S.HISTORY] for u in users], index), _matrix(
             [u[S.TARGETS] for u in users], index)
 
@@ -279,16 +282,15 @@ def synthesis_report(features_dir: str, synthetic_dir: str, export_dir: str = ""
         # with every real user, so the fidelity figures measure the choice as much as the model
         "restricted_population": restricted,
         "generator_saw_test_users": bool(trained_on.get("refit_of")) or (
-            spec.protocol_split("test") in trained_on.get("splits", [])),
+            test in trained_on.get("splits", [])),
         "real_users": len(real_users), "synthetic_users": len(profiles),
         "fidelity": fidelity(real, synthetic, real_attributes, synthetic_attributes, numeric,
                              seed),
         "privacy": privacy(real, synthetic),
     }
-    train_real = _users(spec, [spec.protocol_split("train")])
     report["train_on_synthetic"] = train_on_synthetic(
-        _matrix([u[S.HISTORY] + u[S.TARGETS] for u in train_real], index), synthetic,
-        held_out(spec.protocol_split("validation")), held_out(spec.protocol_split("test")))
+        _matrix([u[S.HISTORY] + u[S.TARGETS] for u in by_split[train]], index), synthetic,
+        held_out(validation), held_out(test))
     report["privacy"]["membership_auc"] = (
         membership_auc(membership_model_dir, spec, seed=seed) if membership_model_dir else None)
     report["goals"] = _goals(report)
