@@ -17,6 +17,7 @@ import posixpath
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from recsys_cvae import html_page as page
 from recsys_cvae import spec as S
 from recsys_cvae.export.provenance import read_provenance
 
@@ -255,19 +256,6 @@ def render_markdown(sections: list[tuple[str, list[str], list[Table]]]) -> str:
     return "\n".join(lines)
 
 
-_STYLE = """
-body { font: 15px/1.5 system-ui, sans-serif; max-width: 980px; margin: 2em auto; color: #222;
-       padding: 0 1em; }
-h1 { font-size: 1.6em; border-bottom: 2px solid #345; padding-bottom: .3em; }
-h2 { font-size: 1.2em; margin-top: 1.8em; color: #345; }
-table { border-collapse: collapse; margin: .8em 0; font-size: 13px; }
-th, td { border: 1px solid #ccd; padding: 4px 8px; text-align: left; }
-th { background: #eef2f6; }
-tr:nth-child(even) td { background: #fafbfc; }
-code { background: #f2f2f2; padding: 0 3px; border-radius: 3px; }
-"""
-
-
 def _inline(text: str) -> str:
     """Escaped text with `code` spans (the only markup the paragraphs use)."""
     parts = html.escape(str(text)).split("`")
@@ -280,17 +268,9 @@ def render_html(sections: list[tuple[str, list[str], list[Table]]]) -> str:
     for title, paragraphs, tables in sections:
         body.append(f"<h2>{html.escape(title)}</h2>")
         body += [f"<p>{_inline(p)}</p>" for p in paragraphs]
-        for header, rows in tables:
-            if not rows:
-                continue
-            body.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header)
-                        + "</tr>")
-            body += ["<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>"
-                     for row in rows]
-            body.append("</table>")
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>Model card</title><style>{_STYLE}</style></head><body>\n"
-            + "\n".join(body) + "\n</body></html>\n")
+        body += [page.table(header, [[_inline(c) for c in row] for row in rows])
+                 for header, rows in tables if rows]
+    return page.document("Model card", "\n".join(body))
 
 
 def write_model_card(export_dir: str) -> tuple[str, str]:

@@ -9,12 +9,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from recsys_cvae import html_page as page
+
 JSON_FILE, HTML_FILE = "synthesis_report.json", "synthesis_report.html"
-_STYLE = """body { font: 15px/1.5 system-ui, sans-serif; max-width: 980px; margin: 2em auto;
-padding: 0 1em; color: #222; } h2 { font-size: 1.15em; color: #345; margin-top: 1.6em; }
-table { border-collapse: collapse; font-size: 13px; margin: .6em 0; }
-th, td { border: 1px solid #ccd; padding: 4px 8px; text-align: left; } th { background: #eef2f6; }
-.yes { color: #176b2c; font-weight: 600; } .no { color: #b3261e; font-weight: 600; }"""
+_STYLE = ".yes { color: #176b2c; font-weight: 600; } .no { color: #b3261e; font-weight: 600; }"
 
 
 def _cell(value: Any) -> str:
@@ -26,10 +24,7 @@ def _cell(value: Any) -> str:
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in row) + "</tr>"
-                   for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return page.table(header, [[_cell(c) for c in row] for row in rows])
 
 
 def render(report: Mapping[str, Any]) -> str:
@@ -81,16 +76,14 @@ def render(report: Mapping[str, Any]) -> str:
              privacy["closer_than_real"]],
             ["membership inference AUC", privacy["membership_auc"]]]),
     ]
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Synthetic "
-            f"users</title><style>{_STYLE}</style></head><body>" + "".join(parts)
-            + "</body></html>\n")
+    return page.document("Synthetic users", "".join(parts), _STYLE)
 
 
 def write(report: Mapping[str, Any], out_dir: str) -> tuple[str, str]:
-    data, page = os.path.join(out_dir, JSON_FILE), os.path.join(out_dir, HTML_FILE)
+    data, html_path = os.path.join(out_dir, JSON_FILE), os.path.join(out_dir, HTML_FILE)
     with open(data, "w") as f:
         json.dump(report, f, indent=2, default=str)
         f.write("\n")
-    with open(page, "w") as f:
+    with open(html_path, "w") as f:
         f.write(render(report))
-    return data, page
+    return data, html_path
