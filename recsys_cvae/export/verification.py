@@ -208,18 +208,18 @@ def build_cases(
             return np.zeros((rows_, len(item_ids)), dtype=bool)
         return policy.mask(input_values, rows_, len(item_ids))
 
-    recommend = _expected_top_k(recommend_logits, seen | removed(len(rows)), item_ids, top_k)
-    generate = _expected_top_k(
-        generate_logits, removed(generate_logits.shape[0]), item_ids, top_k)
+    recommend_removed = seen | removed(len(rows))  # history and policy, per row
+    generate_removed = removed(generate_logits.shape[0])
+    recommend = _expected_top_k(recommend_logits, recommend_removed, item_ids, top_k)
+    generate = _expected_top_k(generate_logits, generate_removed, item_ids, top_k)
     # Request-level exclusions: each row's best answer, an unknown id and padding.
     exclude = [[ids[0], "no-such-item-id", ""] for ids in recommend["expected"][ITEM_IDS]]
     excluded = _marked(exclude, index, len(item_ids))
     recommend_excluding = _expected_top_k(
-        recommend_logits, seen | removed(len(rows)) | excluded, item_ids, top_k)
+        recommend_logits, recommend_removed | excluded, item_ids, top_k)
     generate_exclude = exclude[:generate_logits.shape[0]]
     generate_excluding = _expected_top_k(
-        generate_logits, removed(generate_logits.shape[0]) | excluded[:len(generate_exclude)],
-        item_ids, top_k)
+        generate_logits, generate_removed | excluded[:len(generate_exclude)], item_ids, top_k)
     z_mean, z_log_var = model.encode(history_features)
     sample = _expected_sample(model, features, input_values, len(rows))
 

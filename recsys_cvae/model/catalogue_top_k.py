@@ -100,7 +100,7 @@ def catalogue_top_k(
     hidden, kernel, bias = model.output_factors(features, from_history)  # logits = h·Eᵀ + b
     batch = tf.shape(hidden)[0]
     if from_history:
-        history = tf.cast(model.history_indices(features[HISTORY]), tf.int32)
+        history = model.history_indices(features[HISTORY])  # int32, like `excluded` below
     else:
         history = tf.fill([batch, 0], -1)
     if excluded is not None:
