@@ -74,7 +74,10 @@ def render(report: Mapping[str, Any]) -> str:
              privacy["real_to_real_jaccard"]["p50"]],
             ["share of synthetic users closer than the median real pair",
              privacy["closer_than_real"]],
-            ["membership inference AUC", privacy["membership_auc"]]]),
+            ["membership inference AUC, generator likelihood p(x|c) (goal ≤ 0.6)",
+             privacy["membership_auc"]],
+            ["membership inference AUC, recommend-path reconstruction (ranking fits its "
+             "training users by design)", privacy.get("membership_auc_recommend_path")]]),
     ]
     return page.document("Synthetic users", "".join(parts), _STYLE)
 

@@ -173,12 +173,22 @@ def test_the_report_measures_fidelity_and_catches_copies(export_dir, features_di
 
 
 def test_membership_inference_runs_on_a_protocol_model(features_dir, tmp_path):
-    from recsys_cvae.synthesis.report import membership_auc
+    from recsys_cvae.synthesis.membership import membership_auc
 
     model_dir = str(tmp_path / "model")
     train(features_dir, model_dir, tiny_model_config(3))
-    auc = membership_auc(model_dir, S.FeatureSpec.load(features_dir), max_users=200)
-    assert 0.3 < auc < 0.9
+    aucs = membership_auc(model_dir, S.FeatureSpec.load(features_dir), max_users=200)
+    assert set(aucs) == {"generator", "recommend_path"}
+    assert all(0.3 < value < 0.9 for value in aucs.values())
+
+
+def test_auc_is_the_mann_whitney_statistic():
+    from recsys_cvae.synthesis.membership import auc
+
+    assert auc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
+    assert auc(np.array([1.0, 2.0]), np.array([3.0, 4.0])) == 0.0
+    assert auc(np.array([1.0, 3.0]), np.array([2.0])) == 0.5
+    assert auc(np.array([2.0, 2.0]), np.array([2.0, 2.0])) == 0.5  # ties count half
 
 
 def test_timestamps_follow_the_sources_times(export_dir, features_dir, tmp_path):
