@@ -114,19 +114,21 @@ class _Handler(KeepAliveHandler):
         try:
             if not _API_PATH.fullmatch(path):
                 raise RpcError(grpc.StatusCode.NOT_FOUND, f"Not found: {method} {path}")
-            body = self._route(method, path)
-            self._reply(200, body)
+            status, body = 200, self._route(method, path)
         except RpcError as error:
             code = error.code
-            self._reply(_HTTP_STATUS.get(error.code, 500), {"error": error.message})
+            status, body = _HTTP_STATUS.get(error.code, 500), {"error": error.message}
         except Exception as error:  # noqa: BLE001  (answer, never drop the connection)
             code = grpc.StatusCode.INTERNAL
-            self._reply(500, {"error": str(error).splitlines()[0] if str(error) else "error"})
-        # http_server.cc: the latency of successful REST calls, a count of every call
+            status = 500
+            body = {"error": str(error).splitlines()[0] if str(error) else "error"}
+        # http_server.cc: the latency of successful REST calls, a count of every call; counted
+        # before the reply goes out, so a client that scrapes after its answer sees its call
         if code == grpc.StatusCode.OK:
             M.REQUEST_LATENCY.add((time.perf_counter() - started) * 1e6, self._model_name,
                                   self._api, "REST")
         M.REQUEST_COUNT.increment(self._model_name, code.name)
+        self._reply(status, body)
 
     def _metrics_page(self) -> None:
         data = M.prometheus_page().encode()

@@ -148,7 +148,8 @@ def train(
             f"{config.train.batch_size}"
         )
     strategy_name = resolve_strategy_name(config.train.strategy)
-    strategy = choose_strategy(strategy_name, config.train.num_logical_cpus)
+    strategy = choose_strategy(strategy_name, config.train.num_logical_cpus,
+                               config.train.collective, config.train.collective_bytes_per_pack)
     tf.keras.utils.set_random_seed(config.train.seed)
     spec = FeatureSpec.load(features_dir)
     config = adapt_to_data(config, spec)

@@ -15,15 +15,19 @@ import os
 import tensorflow as tf
 
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
+COLLECTIVES = {"auto": "AUTO", "ring": "RING", "nccl": "NCCL"}
 
 
-def choose_strategy(name: str, num_logical_cpus: int = 2) -> tf.distribute.Strategy:
-    """The tf.distribute strategy called `name` (see the module docstring)."""
+def choose_strategy(name: str, num_logical_cpus: int = 2, collective: str = "ring",
+                    bytes_per_pack: int = 32 << 20) -> tf.distribute.Strategy:
+    """The tf.distribute strategy called `name` (see the module docstring); `collective`
+    and `bytes_per_pack` set how `multi_worker` all-reduces (`TrainConfig`)."""
     name = resolve_strategy_name(name)
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return tf.distribute.MultiWorkerMirroredStrategy(
+            communication_options=communication_options(collective, bytes_per_pack))
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         return tf.distribute.MirroredStrategy()
@@ -31,6 +35,19 @@ def choose_strategy(name: str, num_logical_cpus: int = 2) -> tf.distribute.Strat
     return tf.distribute.MirroredStrategy(
         devices=devices, cross_device_ops=tf.distribute.ReductionToOneDevice()
     )
+
+
+def communication_options(
+    collective: str, bytes_per_pack: int
+) -> tf.distribute.experimental.CommunicationOptions:
+    """CommunicationOptions for `train.collective` (auto, ring, nccl) and its pack size."""
+    if collective not in COLLECTIVES:
+        raise ValueError(f"train.collective must be one of {list(COLLECTIVES)}, "
+                         f"got {collective!r}")
+    implementation = getattr(tf.distribute.experimental.CommunicationImplementation,
+                             COLLECTIVES[collective])
+    return tf.distribute.experimental.CommunicationOptions(
+        bytes_per_pack=bytes_per_pack, implementation=implementation)
 
 
 def resolve_strategy_name(name: str) -> str:

@@ -70,6 +70,16 @@ def test_unknown_strategy_is_refused():
         choose_strategy("tpu")
 
 
+def test_collective_settings_become_communication_options():
+    from recsys_cvae.training.strategy import communication_options
+
+    options = communication_options("ring", 32 << 20)
+    assert options.bytes_per_pack == 32 << 20
+    assert options.implementation == tf.distribute.experimental.CommunicationImplementation.RING
+    with pytest.raises(ValueError, match="train.collective must be one of"):
+        communication_options("mpi", 0)
+
+
 def test_train_writes_config_best_weights_and_metrics(trained):
     result, model_dir = trained["result"], trained["model_dir"]
     assert result["epochs_run"] == 5 and 1 <= result["best_epoch"] <= 5
