@@ -165,11 +165,14 @@ def train(
         ))
     validation = _fit(model, strategy, spec, data, run, config, callbacks or [])
     result = _best_run(validation, strategy_name, strategy, time.time() - start)
-    if run.chief and model.item_item is not None:
+    # Every worker blends, not only the chief: the model's variables are the strategy's, and
+    # a chief working alone on them waits on collectives the others, gone, never join (the
+    # job died with "tasks are unhealthy"). Same weights, same data: the same choices.
+    if model.item_item is not None:
         blend = _blend(model, spec, data, config, fixed_blend, run.best_weights)
         if blend is not None:
             result["linear_blend"] = blend
-    if run.chief and model.lift is not None:
+    if model.lift is not None:
         lift = _lift(model, spec, data, config, fixed_lift, run.best_weights)
         if lift is not None:
             result["attribute_lift"] = lift

@@ -331,8 +331,12 @@ def test_multi_worker_strategy_trains_two_local_workers_in_step(features_dir, tm
         f"""
         import json
         from tests.builders import small_config
+        from recsys_cvae.config import ModelConfig
         from recsys_cvae.training.fit import train
         config = small_config(2, strategy="auto")
+        # the default EASE blend and attribute lift after the fit, run by every worker
+        config.model.linear_blend_lambdas = ModelConfig().linear_blend_lambdas
+        config.model.attribute_lift_weights = ModelConfig().attribute_lift_weights
         print(json.dumps(train({features_dir!r}, {str(tmp_path)!r}, config)))
         """
     )
@@ -358,6 +362,8 @@ def test_multi_worker_strategy_trains_two_local_workers_in_step(features_dir, tm
     # `auto` saw two workers; gradients were all-reduced, so both ended with the same model.
     assert [r["strategy"] for r in results] == ["multi_worker", "multi_worker"]
     assert results[0]["replicas"] == 2 and results[0]["ndcg@10"] == results[1]["ndcg@10"]
+    assert results[0]["linear_blend"] == results[1]["linear_blend"] is not None
+    assert results[0]["attribute_lift"] == results[1]["attribute_lift"]
     # Only the chief (worker 0) writes into the model directory.
     assert sorted(os.listdir(tmp_path)) == [
         "backup",
