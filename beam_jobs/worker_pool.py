@@ -30,6 +30,7 @@ from apache_beam.runners.worker.worker_pool_main import (
     BeamFnExternalWorkerPoolServicer,
     kill_process_gracefully,
 )
+from apache_beam.utils import thread_pool_executor
 
 
 def start(host: str = "127.0.0.1", port: int = 0) -> tuple[str, grpc.Server]:
@@ -37,9 +38,10 @@ def start(host: str = "127.0.0.1", port: int = 0) -> tuple[str, grpc.Server]:
     folder = os.path.dirname(sys.executable)
     if os.environ.get("PATH", "").split(os.pathsep)[0] != folder:
         os.environ["PATH"] = folder + os.pathsep + os.environ.get("PATH", "")
-    server = grpc.server(_executor(), options=[("grpc.http2.max_pings_without_data", 0),
-                                               ("grpc.http2.max_ping_strikes", 0),
-                                               ("grpc.so_reuseport", 0)])  # one pool a port
+    server = grpc.server(thread_pool_executor.shared_unbounded_instance(),
+                         options=[("grpc.http2.max_pings_without_data", 0),
+                                  ("grpc.http2.max_ping_strikes", 0),
+                                  ("grpc.so_reuseport", 0)])  # one pool a port
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError as error:  # grpc says only "Failed to bind"; in use, or not ours
@@ -51,12 +53,6 @@ def start(host: str = "127.0.0.1", port: int = 0) -> tuple[str, grpc.Server]:
     # as Beam's own pool does: no harness outlives the pool
     atexit.register(lambda: [kill_process_gracefully(p) for p in pool._worker_processes.values()])
     return f"{host}:{bound}", server
-
-
-def _executor():
-    from apache_beam.utils import thread_pool_executor
-
-    return thread_pool_executor.shared_unbounded_instance()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

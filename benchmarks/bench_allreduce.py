@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from bench_multiworker import free_port  # noqa: E402
 
 import recsys_cvae  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 
@@ -39,12 +40,6 @@ OPTIONS = {  # name -> (train.collective, train.collective_bytes_per_pack)
     "ring-pack-4MB": ("ring", 4 << 20),
     "ring-pack-32MB": ("ring", 32 << 20),  # the default since this benchmark
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker(features_dir: str, option: str, steps: int, batch_size: int) -> dict:

@@ -26,6 +26,7 @@ import numpy as np
 
 from recsys_cvae import spec as S
 from recsys_cvae import user_records as UR
+from recsys_cvae.synthesis.item_sets import item_matrix
 
 IMPORTANCE_SAMPLES = 32
 BATCH = 256
@@ -55,8 +56,8 @@ def membership_auc(model_dir: str, spec: S.FeatureSpec, max_users: int = 2000,
     rng = np.random.default_rng(seed)
     scores: dict[str, dict[str, np.ndarray]] = {}
     for label, role in (("member", "train"), ("other", "test")):
-        users = list(UR.read_user_records(spec, spec.protocol_split(role))) \
-            if spec.protocol_split(role) in spec.splits else []
+        split = spec.protocol_split(role)
+        users = list(UR.read_user_records(spec, split)) if split in spec.splits else []
         users = [users[i] for i in rng.permutation(len(users))[:max_users]]
         if not users:
             return None
@@ -80,9 +81,7 @@ def _user_scores(model: Any, spec: S.FeatureSpec, users: list[dict],
             features[attribute.name] = tf.constant(
                 [u[attribute.name] for u in batch],
                 tf.string if attribute.is_categorical else tf.float32)
-        x = np.zeros((len(batch), len(index)), np.float32)
-        for row, user_items in enumerate(items):
-            x[row, [index[i] for i in user_items if i in index]] = 1.0
+        x = item_matrix(items, index)
         counts = np.maximum(x.sum(1), 1.0)
         generator.extend(_generator_log_likelihood(model, features, x, seed + start) / counts)
         log_p = tf.nn.log_softmax(model.recommend_logits(features)).numpy()

@@ -49,6 +49,7 @@ from recsys_cvae.metrics import jensen_shannon, ndcg_at_k
 from recsys_cvae.model.ease import ease_from_gram
 from recsys_cvae.protocols import refit_splits
 from recsys_cvae.ranking import top_unseen
+from recsys_cvae.synthesis.item_sets import item_matrix
 from recsys_cvae.synthesis.membership import membership_auc
 
 MAX_USERS = 20_000
@@ -74,13 +75,6 @@ def _read_synthetic(folder: str) -> tuple[list[dict[str, str]], dict[str, list[s
         for row in csv.DictReader(f):
             items.setdefault(row["user_id"], []).append(row["item_id"])
     return profiles, items
-
-
-def _matrix(item_lists: Sequence[Sequence[str]], index: Mapping[str, int]) -> np.ndarray:
-    x = np.zeros((len(item_lists), len(index)), dtype=np.float32)
-    for row, items in enumerate(item_lists):
-        x[row, [index[i] for i in items if i in index]] = 1.0
-    return x
 
 
 def _distribution(x: np.ndarray) -> np.ndarray:
@@ -227,17 +221,17 @@ def synthesis_report(features_dir: str, synthetic_dir: str, export_dir: str = ""
     by_split = {split: _users(spec, [split]) for split in {*every, train, validation, test}}
     real_users = [user for split in every for user in by_split[split]]
     real_users = [real_users[i] for i in rng.permutation(len(real_users))[:MAX_USERS]]
-    real = _matrix([u[S.HISTORY] + u[S.TARGETS] for u in real_users], index)
+    real = item_matrix([u[S.HISTORY] + u[S.TARGETS] for u in real_users], index)
     real_profiles = [S.inputs_from_attributes(spec, u) for u in real_users]
     profiles, synthetic_items = _read_synthetic(synthetic_dir)
     profiles = [profiles[i] for i in rng.permutation(len(profiles))[:MAX_USERS]]
-    synthetic = _matrix([synthetic_items.get(p["user_id"], []) for p in profiles], index)
+    synthetic = item_matrix([synthetic_items.get(p["user_id"], []) for p in profiles], index)
     real_attributes = {n: [p[n] for p in real_profiles] for n in numeric}
     synthetic_attributes = {n: [p.get(n, "") for p in profiles] for n in numeric}
 
     def held_out(split: str) -> tuple[np.ndarray, np.ndarray]:
         users = [u for u in by_split[split] if u[S.TARGETS]]
-        return _matrix([u[S.HISTORY] for u in users], index), _matrix(
+        return item_matrix([u[S.HISTORY] for u in users], index), item_matrix(
             [u[S.TARGETS] for u in users], index)
 
     trained_on = _trained_on(export_dir)
@@ -255,7 +249,7 @@ def synthesis_report(features_dir: str, synthetic_dir: str, export_dir: str = ""
         "privacy": privacy(real, synthetic),
     }
     report["train_on_synthetic"] = train_on_synthetic(
-        _matrix([u[S.HISTORY] + u[S.TARGETS] for u in by_split[train]], index), synthetic,
+        item_matrix([u[S.HISTORY] + u[S.TARGETS] for u in by_split[train]], index), synthetic,
         held_out(validation), held_out(test))
     aucs = membership_auc(membership_model_dir, spec, seed=seed) if membership_model_dir else None
     report["privacy"]["membership_auc"] = aucs and aucs["generator"]

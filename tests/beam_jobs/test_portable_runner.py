@@ -20,13 +20,8 @@ import time
 import pytest
 
 from tests.beam_jobs.test_candidates import build_toy_export
+from tests.serving.test_client import free_port
 from tests.test_new_user_files import run_cli
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_listening(port: int, process: subprocess.Popen, timeout_s: float = 60) -> None:
@@ -44,7 +39,7 @@ def _wait_listening(port: int, process: subprocess.Popen, timeout_s: float = 60)
 @pytest.fixture(scope="module")
 def portable_args(tmp_path_factory):
     """Beam flags for a job service and a worker pool on 127.0.0.1, stopped afterwards."""
-    job_port, pool_port = _free_port(), _free_port()
+    job_port, pool_port = free_port(), free_port()
     logs = tmp_path_factory.mktemp("portable_logs")
     # PATH without this interpreter's folder: the pool must start harnesses with it anyway
     env = {**os.environ, "PATH": os.pathsep.join(
@@ -119,7 +114,7 @@ def test_a_job_endpoint_nobody_listens_on_is_one_line(tmp_path):
     raw = write_synthetic(str(tmp_path / "raw"), num_users=20, num_items=10, seed=0)
     result = run_cli(tmp_path, "features", "--data-dir", raw, "--workdir", str(tmp_path / "w"),
                      "--", "--runner=PortableRunner",
-                     f"--job_endpoint=localhost:{_free_port()}", timeout=120)
+                     f"--job_endpoint=localhost:{free_port()}", timeout=120)
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("recsys-cvae features: error: no Beam job service at "
