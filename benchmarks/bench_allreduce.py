@@ -8,10 +8,12 @@ and, for the sparse first layer, IndexedSlices, as the optimizer hands them over
 times, N times each:
 
   step        the Keras train function (forward, backward, all-reduce, Adam) on that batch
-  all-reduce  `ReplicaContext.all_reduce(SUM, gradients)` of those same tensors, nothing else
+  all-reduce  the exchange alone: `gradient_exchange.sum_over_replicas` of those tensors in
+              the option's dtype, plus, when the item-item gradient is gathered, the
+              all-gather of x and dy that replaces it
 
-for each `--options` (CommunicationOptions: implementation, bytes_per_pack). Bytes per step
-are what the gradients hold as float32 (IndexedSlices: their values and indices). Goal of
+for each `--options` (CommunicationOptions, `train.gradient_dtype`, `train.item_item_gradient`).
+Bytes per step are what one worker contributes (IndexedSlices: their values and indices). Goal of
 issue 18: 2-worker step ≤ 1-worker step + 1.3 × all-reduce.
 
     python benchmarks/bench_allreduce.py --users 3000 --items 3000 --steps 10
@@ -34,11 +36,12 @@ from bench_multiworker import free_port  # noqa: E402
 
 import recsys_cvae  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 
-OPTIONS = {  # name -> (train.collective, train.collective_bytes_per_pack)
-    "auto": ("auto", 0),
-    "ring": ("ring", 0),
-    "ring-pack-4MB": ("ring", 4 << 20),
-    "ring-pack-32MB": ("ring", 32 << 20),  # the default since this benchmark
+OPTIONS = {  # name -> train settings (collective, pack bytes, gradient dtype, item-item)
+    "auto": ("auto", 0, "float32", "dense"),
+    "ring-pack-32MB": ("ring", 32 << 20, "float32", "dense"),  # the default before
+    "bfloat16": ("ring", 32 << 20, "bfloat16", "dense"),
+    "gathered": ("ring", 32 << 20, "float32", "gathered"),
+    "gathered-bfloat16": ("ring", 32 << 20, "bfloat16", "gathered"),  # the default now
 }
 
 
@@ -47,20 +50,32 @@ def worker(features_dir: str, option: str, steps: int, batch_size: int) -> dict:
     import tensorflow as tf
 
     from recsys_cvae.config import Config
+    from recsys_cvae.model.gradient_exchange import gather_rows, sum_over_replicas
     from recsys_cvae.spec import FeatureSpec
     from recsys_cvae.training.dataset import make_dataset
     from recsys_cvae.training.fit import _compiled_model
     from recsys_cvae.training.strategy import choose_strategy
 
-    strategy = choose_strategy("multi_worker", 1, *OPTIONS[option])
+    collective, pack, dtype_name, item_item = OPTIONS[option]
+    strategy = choose_strategy("multi_worker", 1, collective, pack)
     spec = FeatureSpec.load(features_dir)
-    model = _compiled_model(strategy, spec, Config())
+    config = Config()
     replicas = strategy.num_replicas_in_sync
+    config.train.batch_size = batch_size * replicas
+    config.train.gradient_dtype, config.train.item_item_gradient = dtype_name, item_item
+    model = _compiled_model(strategy, spec, config)
+    dtype = tf.as_dtype(dtype_name)
     dataset = make_dataset(spec, spec.protocol_split("train"), batch_size * replicas).take(1)
     options = tf.data.Options()  # one batch, the same on every worker: timing, not learning
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     dataset = dataset.with_options(options)
     batch = next(iter(strategy.experimental_distribute_dataset(dataset.cache().repeat())))
+    branch = model.item_item
+    gathered = branch is not None and branch.gather_dtype is not None
+
+    # This replica's own gradients, without any exchange (the branch's as a dense matrix).
+    if branch is not None:
+        branch.gather_dtype = None
 
     @tf.function
     def gradients_of(data):
@@ -70,34 +85,42 @@ def worker(features_dir: str, option: str, steps: int, batch_size: int) -> dict:
             return tape.gradient(loss, model.trainable_variables)
         return strategy.run(replica, args=(data,))
 
-    grads = gradients_of(batch)
-    local = strategy.experimental_local_results(grads)[0]
+    local = strategy.experimental_local_results(gradients_of(batch))[0]
+    if branch is not None and gathered:
+        branch.gather_dtype = dtype
+    is_branch = [branch is not None and v is branch.weights_matrix
+                 for v in model.trainable_variables]  # fmt: skip
+    size = dtype.size
     sent = 0
-    for g in local:
-        if isinstance(g, tf.IndexedSlices):
-            sent += int(tf.size(g.values)) * 4 + int(tf.size(g.indices)) * 8
+    for g, skip in zip(local, is_branch):
+        if skip and gathered:
+            sent += 2 * batch_size * spec.num_items * size  # x and dy, gathered
+        elif isinstance(g, tf.IndexedSlices):
+            sent += int(tf.size(g.values)) * size + int(tf.size(g.indices)) * 8
         elif g is not None:
-            sent += int(tf.size(g)) * 4
+            sent += int(tf.size(g)) * size
 
-    present = [g for g in local if g is not None]
     # IndexedSlices go in as their parts and are rebuilt inside the replica function: the
-    # strategy cannot take them as arguments, but the optimizer all-reduces them as slices
+    # strategy cannot take them as arguments.
     parts = [(g.values, g.indices, g.dense_shape) if isinstance(g, tf.IndexedSlices) else g
-             for g in present]
+             for g in local]
+    factor = tf.ones([batch_size, spec.num_items])
 
     @tf.function
-    def all_reduce():
+    def exchange():
         def replica():  # captured, not passed: MWMS cannot all-reduce a run() argument as is
             rebuilt = [tf.IndexedSlices(*[tf.identity(t) for t in g]) if isinstance(g, tuple)
-                       else tf.identity(g) for g in parts]
-            return tf.distribute.get_replica_context().all_reduce(
-                tf.distribute.ReduceOp.SUM, rebuilt)
+                       else None if g is None else tf.identity(g) for g in parts]
+            out = sum_over_replicas(rebuilt, [s and gathered for s in is_branch], dtype)
+            if gathered:  # what the branch's backward pass sends: x and dy
+                out += gather_rows([tf.identity(factor), tf.identity(factor)], dtype)
+            return [o for o in out if o is not None]
         return strategy.run(replica)
 
-    all_reduce()  # traces
+    exchange()  # traces
     started = time.perf_counter()
     for _ in range(steps):
-        out = all_reduce()
+        out = exchange()
     tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t,
                           strategy.experimental_local_results(out)[0])
     reduce_s = (time.perf_counter() - started) / steps
@@ -141,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--items", type=int, default=3000, help="synthetic items")
     parser.add_argument("--steps", type=int, default=10, help="timed repetitions")
     parser.add_argument("--batch-size", type=int, default=128, help="per-worker batch")
-    parser.add_argument("--options", default="auto,ring,ring-pack-4MB,ring-pack-32MB",
+    parser.add_argument("--options", default=",".join(OPTIONS),
                         help=f"CommunicationOptions to compare: {', '.join(OPTIONS)}")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--option", help=argparse.SUPPRESS)

@@ -208,6 +208,13 @@ class TrainConfig:
         bytes (0: TensorFlow's default, one per tensor group). Measured on two local workers
         (`benchmarks/bench_allreduce.py`, 52 MB of gradients a step): ring with 32 MB packs
         all-reduces in 0.23 s against 0.43 s for auto, and the step takes 0.46 s, not 0.66.
+      gradient_dtype: what gradients travel in between replicas: `auto` (bfloat16 between
+        `multi_worker` workers, float32 between one machine's devices), `float32`, `bfloat16`
+        (`recsys_cvae.model.gradient_exchange`).
+      item_item_gradient: how replicas exchange the item-item branch's `[items, items]`
+        gradient: `gathered` (all-gather each replica's x and dy, 2 × batch × items numbers,
+        and multiply locally), `dense` (all-reduce the matrix), `auto` (gathered when that
+        sends less: 2 × global batch < items).
       early_stopping_patience: epochs without a better validation NDCG@10 before stopping.
       seed: TensorFlow and Python seeds.
       verbose: Keras progress output (0 silent, 1 bar, 2 one line per epoch); the bar is left
@@ -236,6 +243,8 @@ class TrainConfig:
     num_logical_cpus: int = 2
     collective: str = "ring"
     collective_bytes_per_pack: int = 32 << 20
+    gradient_dtype: str = "auto"
+    item_item_gradient: str = "auto"
     early_stopping_patience: int = 10
     seed: int = 1234
     verbose: int = 1

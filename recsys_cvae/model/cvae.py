@@ -114,6 +114,8 @@ class CVAE(ElboObjective, tf.keras.Model):
             self.item_item = ItemItemBranch(spec.num_items, config.linear_l2)
             self.linear_dropout = tf.keras.layers.Dropout(config.input_dropout)
         check_sampled_softmax(config, spec.num_items, self.item_item is not None)
+        # What gradients travel in between replicas (`gradient_exchange`); training sets it.
+        self.gradient_dtype = tf.float32
         self.beta = tf.Variable(
             0.0,
             trainable=False,

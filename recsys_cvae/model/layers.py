@@ -12,6 +12,8 @@ from typing import Any
 
 import tensorflow as tf
 
+from recsys_cvae.model.gradient_exchange import gathered_item_item, replicas
+
 
 class Encoder(tf.keras.layers.Layer):
     """q(z | x, c): the normalised history (and c) → posterior mean and log-variance.
@@ -321,6 +323,10 @@ class ItemItemBranch(tf.keras.layers.Layer):
         super().__init__(dtype="float32", **kwargs)
         self.num_items = num_items
         self.l2 = l2
+        # Set by training when several replicas should exchange this gradient as its
+        # factors, sent in this dtype (`gradient_exchange.gathered_item_item`); None: the
+        # matrix is all-reduced. Not part of the saved config.
+        self.gather_dtype: tf.DType | None = None
 
     def build(self, input_shape: tf.TensorShape) -> None:
         self.weights_matrix = self.add_weight(
@@ -333,7 +339,15 @@ class ItemItemBranch(tf.keras.layers.Layer):
         return tf.linalg.set_diag(self.weights_matrix, tf.zeros([self.num_items]))
 
     def call(self, x: tf.Tensor) -> tf.Tensor:
-        return tf.matmul(tf.cast(x, tf.float32), self.matrix())
+        x = tf.cast(x, tf.float32)
+        if self.gathers_gradient():
+            return gathered_item_item(x, tf.convert_to_tensor(self.weights_matrix),
+                                      self.gather_dtype)
+        return tf.matmul(x, self.matrix())
+
+    def gathers_gradient(self) -> bool:
+        """Whether B's gradient leaves `call` already summed over the replicas."""
+        return self.gather_dtype is not None and replicas() > 1
 
     def penalty(self) -> tf.Tensor:
         """The per-example L2 penalty l2 · ‖B‖² (a scalar)."""

@@ -5,7 +5,7 @@ what serving calls (`recommend_logits`, `generate_logits`, `encode`) are read by
 exports or serves the model; the objective only by those who change how it learns. This is a
 mixin of `CVAE`: it uses the model's layers and inputs (`history_both`, `history_sparse`,
 `_posterior`, `prior_params`, `_logits`, `decoder`, `item_item`, `linear_dropout`, `spec`,
-`model_config`, the loss trackers, `beta` and `train_steps`), all defined there.
+`model_config`, the loss trackers, `beta`, `train_steps` and `gradient_dtype`), all defined there.
 
     loss = −log p(x | z, c)  +  β · KL(q(z|x,c) ‖ p(z|c))  [+ l2 · ‖B‖²]
            [+ w · −log p(x | z_p, c),  z_p ~ p(z|c)]   (Sohn et al.'s hybrid term)
@@ -18,6 +18,7 @@ from collections.abc import Mapping
 import tensorflow as tf
 
 from recsys_cvae.config import ModelConfig
+from recsys_cvae.model.gradient_exchange import replicas, sum_over_replicas
 from recsys_cvae.model.losses import (
     SAMPLERS,
     gaussian_kl,
@@ -198,9 +199,10 @@ class ElboObjective:
         # size × replicas), so the all-reduced gradients are those of the global mean.
         loss = tf.nn.compute_average_loss(per_example)
         if self.item_item is not None:
-            # A per-example penalty: divide by the replicas so the all-reduce sums to it once.
-            replicas = tf.distribute.get_strategy().num_replicas_in_sync
-            loss += self.item_item.penalty() / replicas
+            # A per-example penalty: divide by the replicas so the all-reduce sums to it once
+            # (a gathered gradient is not all-reduced: every replica adds it whole).
+            shares = 1 if self.item_item.gathers_gradient() else replicas()
+            loss += self.item_item.penalty() / shares
         self.loss_tracker.update_state(per_example)
         self.reconstruction_tracker.update_state(terms["reconstruction"])
         self.kl_tracker.update_state(terms["kl"])
@@ -221,7 +223,13 @@ class ElboObjective:
         gradients = tape.gradient(target, self.trainable_variables)
         if scaled:
             gradients = self.optimizer.get_unscaled_gradients(gradients)
-        self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
+        if replicas() > 1:
+            presummed = [self.item_item is not None and self.item_item.gathers_gradient()
+                         and v is self.item_item.weights_matrix
+                         for v in self.trainable_variables]  # fmt: skip
+            gradients = sum_over_replicas(gradients, presummed, self.gradient_dtype)
+        self.optimizer.apply_gradients(zip(gradients, self.trainable_variables),
+                                       skip_gradients_aggregation=replicas() > 1)
         with tf.control_dependencies([loss]):
             self.train_steps.assign_add(1)
         return {m.name: m.result() for m in self.metrics}

@@ -35,6 +35,7 @@ from recsys_cvae import protocols as P
 from recsys_cvae.config import Config
 from recsys_cvae.model.cvae import CVAE, build_model
 from recsys_cvae.model.ease import ease_from_gram
+from recsys_cvae.model.gradient_exchange import gathers_item_item, resolve_gradient_dtype
 from recsys_cvae.model.model_dir import BEST_WEIGHTS, CONFIG_FILE, METRICS_FILE, TRAINED_ON
 from recsys_cvae.spec import FeatureSpec, absolute_local_path
 from recsys_cvae.training.attribute_blend import apply_lift, blend_lift
@@ -286,6 +287,11 @@ def _compiled_model(strategy: tf.distribute.Strategy, spec: FeatureSpec, config:
             model.compile(optimizer=optimizer)
     finally:
         tf.keras.mixed_precision.set_global_policy(previous_policy)
+    multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    model.gradient_dtype = resolve_gradient_dtype(settings.gradient_dtype, multi_worker)
+    if model.item_item is not None and gathers_item_item(
+            settings.item_item_gradient, spec.num_items, settings.batch_size):
+        model.item_item.gather_dtype = model.gradient_dtype
     return model
 
 

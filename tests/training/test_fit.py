@@ -326,46 +326,59 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_multi_worker_strategy_trains_two_local_workers_in_step(features_dir, tmp_path):
+    """Two workers exchange gradients the default way (bfloat16, the item-item gradient as
+    its gathered factors) and learn what one worker learns on the same global batches."""
     workers = [f"localhost:{free_port()}", f"localhost:{free_port()}"]
     script = textwrap.dedent(
-        f"""
-        import json
+        """
+        import json, os, sys
         from tests.builders import small_config
         from recsys_cvae.config import ModelConfig
         from recsys_cvae.training.fit import train
-        config = small_config(2, strategy="auto")
+        features_dir, model_dir, strategy = sys.argv[1:]
+        config = small_config(3, strategy=strategy, batch_size=32)
         # the default EASE blend and attribute lift after the fit, run by every worker
         config.model.linear_blend_lambdas = ModelConfig().linear_blend_lambdas
         config.model.attribute_lift_weights = ModelConfig().attribute_lift_weights
-        print(json.dumps(train({features_dir!r}, {str(tmp_path)!r}, config)))
+        result = train(features_dir, model_dir, config)
+        task = json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {})
+        if task.get("index", 0) == 0:  # the chief's (or the single worker's) history
+            with open(model_dir + "/training_metrics.json") as f:
+                result["losses"] = [h["loss"] for h in json.load(f)["history"]]
+        print(json.dumps(result))
         """
     )
+
+    def start(model_dir, strategy, env):
+        return subprocess.Popen([sys.executable, "-c", script, features_dir, model_dir, strategy],
+                                cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)  # fmt: skip
+
     processes = []
     for index in range(2):
         tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
         env = {**os.environ, "TF_CONFIG": json.dumps(tf_config)}
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, "-c", script],
-                cwd=REPO,
-                env=env,
-                text=True,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
-        )
+        processes.append(start(str(tmp_path / "two"), "auto", env))
     results = []
     for process in processes:
         stdout, stderr = process.communicate(timeout=300)
         assert process.returncode == 0, stderr[-2000:]
         results.append(json.loads(stdout.strip().splitlines()[-1]))
+    single = start(str(tmp_path / "one"), "default", dict(os.environ))
+    stdout, stderr = single.communicate(timeout=300)
+    assert single.returncode == 0, stderr[-2000:]
+    one = json.loads(stdout.strip().splitlines()[-1])
     # `auto` saw two workers; gradients were all-reduced, so both ended with the same model.
     assert [r["strategy"] for r in results] == ["multi_worker", "multi_worker"]
     assert results[0]["replicas"] == 2 and results[0]["ndcg@10"] == results[1]["ndcg@10"]
     assert results[0]["linear_blend"] == results[1]["linear_blend"] is not None
     assert results[0]["attribute_lift"] == results[1]["attribute_lift"]
+    # The same loss curve as one worker, within the mirrored test's tolerance: each replica
+    # draws its own dropout masks and z samples, and bfloat16 rounds the summed gradients.
+    np.testing.assert_allclose(results[0]["losses"], one["losses"], rtol=MIRRORED_LOSS_RTOL)
+    assert results[0]["losses"][-1] < results[0]["losses"][0]
     # Only the chief (worker 0) writes into the model directory.
-    assert sorted(os.listdir(tmp_path)) == [
+    assert sorted(os.listdir(tmp_path / "two")) == [
         "backup",
         "best",
         "config.json",
