@@ -341,8 +341,7 @@ class ItemItemBranch(tf.keras.layers.Layer):
     def call(self, x: tf.Tensor) -> tf.Tensor:
         x = tf.cast(x, tf.float32)
         if self.gathers_gradient():
-            return gathered_item_item(x, tf.convert_to_tensor(self.weights_matrix),
-                                      self.gather_dtype)
+            return gathered_item_item(x, self.matrix(), self.gather_dtype)
         return tf.matmul(x, self.matrix())
 
     def gathers_gradient(self) -> bool:

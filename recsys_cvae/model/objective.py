@@ -223,13 +223,14 @@ class ElboObjective:
         gradients = tape.gradient(target, self.trainable_variables)
         if scaled:
             gradients = self.optimizer.get_unscaled_gradients(gradients)
-        if replicas() > 1:
-            presummed = [self.item_item is not None and self.item_item.gathers_gradient()
-                         and v is self.item_item.weights_matrix
+        distributed = replicas() > 1
+        if distributed:
+            gathered = self.item_item is not None and self.item_item.gathers_gradient()
+            presummed = [gathered and v is self.item_item.weights_matrix
                          for v in self.trainable_variables]  # fmt: skip
             gradients = sum_over_replicas(gradients, presummed, self.gradient_dtype)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_variables),
-                                       skip_gradients_aggregation=replicas() > 1)
+                                       skip_gradients_aggregation=distributed)
         with tf.control_dependencies([loss]):
             self.train_steps.assign_add(1)
         return {m.name: m.result() for m in self.metrics}
