@@ -110,6 +110,7 @@ def small_config(epochs: int, **train_fields) -> Config:
     config.train.beta_anneal_steps = 20
     config.train.verbose = 0
     config.model.linear_blend_lambdas = []  # best weights = the best epoch's (blend: own test)
+    config.model.low_pass_weights = []  # likewise the low-pass filter (own test)
     config.model.attribute_lift_weights = []  # likewise the attribute lift (own test)
     # Five epochs train the warm path; the cold-start term (own tests in test_model.py and
     # the end-to-end run) would share them and blur what these tests check.

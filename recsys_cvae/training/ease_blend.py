@@ -57,7 +57,7 @@ def gram_matrix(
     return gram
 
 
-def _validation_arrays(
+def validation_arrays(
     model: Any, spec: FeatureSpec, split: str, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray, list[set[int]]]:
     """(current logits, inputs x, held-out item indices) of the validation users with targets."""
@@ -111,7 +111,7 @@ def blend_closed_form(
     `training_metrics.json` by `train`). Leaves the model untouched when nothing helps.
     """
     branch = model.item_item
-    logits, inputs, truth = _validation_arrays(model, spec, validation_split, batch_size)
+    logits, inputs, truth = validation_arrays(model, spec, validation_split, batch_size)
     if branch is None or not truth or not lambdas:
         return {"alpha": 0.0, "l2": None, "dropout": 0.0}
     seen = inputs > 0
@@ -132,7 +132,7 @@ def blend_closed_form(
                             **{key: value})
                 best_matrix = closed_form
     if best_matrix is not None:
-        _add_to_branch(branch, best["alpha"] * best_matrix)
+        add_to_branch(branch, best["alpha"] * best_matrix)
     log.info(
         "item-item branch: + %.3g × EASE(λ=%s, p=%g); validation %s %.4f → %.4f",
         best["alpha"], best["l2"], best["dropout"], metric, before, best[key],
@@ -145,9 +145,10 @@ def add_ease(
 ) -> None:
     """Adds α · EASE(λ, p) of `gram` to the item-item branch: a (λ, p, α) chosen elsewhere
     (the serving refit reuses its protocol model's choice on all the data)."""
-    _add_to_branch(model.item_item, alpha * ease_from_gram(gram, l2, dropout))
+    add_to_branch(model.item_item, alpha * ease_from_gram(gram, l2, dropout))
 
 
-def _add_to_branch(branch: Any, matrix: np.ndarray) -> None:
+def add_to_branch(branch: Any, matrix: np.ndarray) -> None:
+    """B += `matrix` in the branch's float32 weights (the EASE and low-pass blends)."""
     trained = branch.weights_matrix.numpy()
     branch.weights_matrix.assign((trained + matrix).astype(np.float32))

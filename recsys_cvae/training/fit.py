@@ -42,6 +42,7 @@ from recsys_cvae.training.attribute_blend import apply_lift, blend_lift
 from recsys_cvae.training.callbacks import BetaAnnealing, RankingValidation
 from recsys_cvae.training.dataset import make_dataset
 from recsys_cvae.training.ease_blend import add_ease, blend_closed_form, gram_matrix
+from recsys_cvae.training.low_pass_blend import add_low_pass, blend_low_pass
 from recsys_cvae.training.strategy import choose_strategy, resolve_strategy_name, worker_name
 
 log = logging.getLogger(__name__)
@@ -205,23 +206,35 @@ def _blend(
     model: CVAE, spec: FeatureSpec, data: FitData, config: Config,
     fixed: dict[str, Any] | None, best_weights: str,
 ) -> dict[str, Any] | None:
-    """The best epoch's weights plus EASE's closed form: at the (λ, α) validation picks, or
-    at `fixed`'s when there is no validation; None when neither applies."""
-    if fixed is None and not (data.validation and config.model.linear_blend_lambdas):
+    """The best epoch's weights plus EASE's closed form and then the low-pass filter: at the
+    (λ, α) and (rank, β, γ) validation picks, or at `fixed`'s when there is no validation;
+    None when neither applies."""
+    settings = config.model
+    searches = settings.linear_blend_lambdas or settings.low_pass_weights
+    if fixed is None and not (data.validation and searches):
         return None
-    if fixed is not None and not fixed.get("alpha"):
+    if fixed is not None and not (fixed.get("alpha") or fixed.get("low_pass_weight")):
         return dict(fixed)  # the validated run kept its trained branch: so does this one
     model.load_weights(best_weights)
+    batch_size = config.train.batch_size
     if fixed is not None:
-        gram = gram_matrix(model, spec, data.train, config.train.batch_size, data.fold_targets)
-        add_ease(model, gram, fixed["l2"], fixed["alpha"], fixed.get("dropout", 0.0))
+        if fixed.get("alpha"):
+            gram = gram_matrix(model, spec, data.train, batch_size, data.fold_targets)
+            add_ease(model, gram, fixed["l2"], fixed["alpha"], fixed.get("dropout", 0.0))
+        if fixed.get("low_pass_weight"):
+            add_low_pass(model, spec, data.train, batch_size, data.fold_targets, fixed)
         chosen = dict(fixed)
     else:
         chosen = blend_closed_form(
-            model, spec, data.train[0], data.validation, config.train.batch_size,
-            config.model.linear_blend_lambdas, config.model.linear_blend_weights,
-            config.evaluate.selection_metric, config.model.linear_blend_dropouts,
+            model, spec, data.train[0], data.validation, batch_size,
+            settings.linear_blend_lambdas, settings.linear_blend_weights,
+            config.evaluate.selection_metric, settings.linear_blend_dropouts,
         )
+        chosen.update(blend_low_pass(
+            model, spec, data.train[0], data.validation, batch_size,
+            settings.low_pass_ranks, settings.low_pass_exponents, settings.low_pass_weights,
+            config.evaluate.selection_metric,
+        ))
     model.save_weights(best_weights)
     return chosen
 

@@ -7,7 +7,8 @@ the settings selection chose, on every interaction it has, and keeps evaluating 
 models. The refit reads the splits `protocols.refit_splits` names (together every user the
 feature job kept, each with every interaction: targets folded into the history), trains for
 the selected model's best epoch count with β annealed to the β of that epoch, and adds EASE's
-closed form at the (λ, α) the selected model's validation chose, and the attribute lift at
+closed form at the (λ, α) and the low-pass filter at the (rank, β, γ) the selected model's
+validation chose, and the attribute lift at
 its (κ, γ_cold, γ_warm), recounted on all the data. There is no validation split
 left to tune on: everything it could tune comes from the selected model.
 
@@ -27,6 +28,7 @@ from recsys_cvae.config import Config
 from recsys_cvae.spec import FeatureSpec
 from recsys_cvae.training.attribute_blend import CHOICE
 from recsys_cvae.training.fit import FitData, train
+from recsys_cvae.training.low_pass_blend import CHOICE as LOW_PASS_CHOICE
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ def refit_config(config: Config, selected: dict[str, Any]) -> Config:
         settings.beta_cap = float(best_beta)
     settings.early_stopping_patience = 0
     config.model.linear_blend_lambdas = []
+    config.model.low_pass_weights = []
     config.model.attribute_lift_weights = []
     return config
 
@@ -72,7 +75,8 @@ def refit(
     return train(
         features_dir, model_dir, settings,
         data=data,
-        fixed_blend={key: blend[key] for key in ("alpha", "l2", "dropout") if key in blend}
+        fixed_blend={key: blend[key] for key in ("alpha", "l2", "dropout", *LOW_PASS_CHOICE)
+                     if key in blend}
         if blend else None,
         fixed_lift={key: lift[key] for key in CHOICE if key in lift} if lift else None,
         provenance={"refit_of": protocol, "epochs": settings.train.epochs,

@@ -47,7 +47,8 @@ def test_refit_trains_the_selected_epochs_on_all_users_and_records_it(features_d
     config = small_config(5)
     config.train.beta_anneal_steps = -1  # the default: annealed over the whole run
     config.model.linear_blend_lambdas = [10.0]  # the selected run chose α = 1 at λ = 10, p = 0.33
-    chosen = {"alpha": 1.0, "l2": 10.0, "dropout": 0.33}
+    chosen = {"alpha": 1.0, "l2": 10.0, "dropout": 0.33,
+              "low_pass_rank": 4, "low_pass_exponent": 0.3, "low_pass_weight": 0.5}
     selected = {"best_epoch": 2, "best_beta": 0.01, "linear_blend": chosen}
     result = refit(features_dir, str(tmp_path), config, "strong", selected)
     assert result["epochs_run"] == 2 and result["linear_blend"] == chosen
