@@ -180,7 +180,7 @@ class ModelConfig:
     )
     low_pass_exponents: list[float] = dataclasses.field(default_factory=lambda: [0.3])
     low_pass_weights: list[float] = dataclasses.field(
-        default_factory=lambda: [0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5]
+        default_factory=lambda: [0.1, 0.2, 0.35, 0.5, 0.75, 1.0]
     )
     prior_reconstruction_weight: float = 2.0
     prior_reconstruction_fraction: float = 0.0
