@@ -73,8 +73,8 @@ def training_section(record: Mapping[str, Any] | None) -> str:
               for blend in ("linear_blend", "attribute_lift")
               for key, value in (training.get(blend) or {}).items()]
     if chosen:
-        lines.append("<p>Chosen on validation after training (EASE folded into the item-item "
-                     "branch; the attribute lift's weights):</p>")
+        lines.append("<p>Chosen on validation after training (EASE and the low-pass filter "
+                     "folded into the item-item branch; the attribute lift's weights):</p>")
         lines.append(_table(("setting", "value"), chosen))
     if config:
         shown = {k: v for k, v in config.items() if k not in ("features", "trained_on")}
