@@ -479,9 +479,13 @@ _LOWER_BOUNDS = {
     "evaluate.bootstrap_replicates": (0, "0 reports no intervals"),
 }
 _POSITIVE = {"train.learning_rate"}
-_DROPOUT_RATES = {"model.linear_blend_dropouts"}  # lists of rates in [0, 1)
-_UNIT_INTERVAL = {"model.low_pass_exponents"}  # lists of numbers in [0, 1]
-_POSITIVE_LISTS = {"model.low_pass_ranks"}
+# List fields whose every entry must pass a test: (test, what the entries may be).
+_LIST_BOUNDS = {
+    "model.linear_blend_dropouts": (lambda rate: 0.0 <= rate < 1.0,
+                                    "rates from 0 up to (not including) 1"),
+    "model.low_pass_exponents": (lambda number: 0.0 <= number <= 1.0, "numbers from 0 to 1"),
+    "model.low_pass_ranks": (lambda number: number > 0, "numbers above 0"),
+}
 
 
 def _check_bounds(key: str, value: Any, where: str) -> None:
@@ -490,13 +494,10 @@ def _check_bounds(key: str, value: Any, where: str) -> None:
         raise ConfigError(f"{where}: {key} must be at least {floor} ({meaning}), got {value}")
     if key in _POSITIVE and not value > 0:
         raise ConfigError(f"{where}: {key} must be more than 0, got {value}")
-    if key in _DROPOUT_RATES and not all(0.0 <= rate < 1.0 for rate in value):
-        raise ConfigError(f"{where}: {key} takes rates from 0 up to (not including) 1, "
-                          f"got {value}")
-    if key in _UNIT_INTERVAL and not all(0.0 <= number <= 1.0 for number in value):
-        raise ConfigError(f"{where}: {key} takes numbers from 0 to 1, got {value}")
-    if key in _POSITIVE_LISTS and not all(number > 0 for number in value):
-        raise ConfigError(f"{where}: {key} takes numbers above 0, got {value}")
+    if key in _LIST_BOUNDS:
+        test, allowed = _LIST_BOUNDS[key]
+        if not all(test(entry) for entry in value):
+            raise ConfigError(f"{where}: {key} takes {allowed}, got {value}")
 
 
 def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:

@@ -118,6 +118,6 @@ def add_low_pass(
     """Adds γ · S(rank, β) of `split`'s users to the item-item branch at a (rank, β, γ) chosen
     elsewhere (the serving refit reuses its protocol model's choice on all the data)."""
     gram, degrees = normalised_gram(model, spec, split, batch_size, fold_targets)
-    rank = min(int(choice["low_pass_rank"]), spec.num_items - 1)
-    add_to_branch(model.item_item, choice["low_pass_weight"]
-                  * low_pass_from_gram(gram, degrees, rank, choice["low_pass_exponent"]))
+    low_pass = low_pass_from_gram(gram, degrees, int(choice["low_pass_rank"]),
+                                  choice["low_pass_exponent"])
+    add_to_branch(model.item_item, choice["low_pass_weight"] * low_pass)
