@@ -243,13 +243,11 @@ class _Handler(KeepAliveHandler):
         if signature is None:  # HttpRestApiHandler::GetInfoMap
             raise invalid(f'Serving signature name: "{name}" not found in signature def')
         try:
-            tensors, form = request_tensors(
+            arrays, form = request_tensors(
                 body, {key: info.dtype for key, info in signature.inputs.items()})
         except JsonTensorError as error:
             raise invalid(str(error)) from None
-        for key, proto in tensors.items():
-            request.inputs[key].CopyFrom(proto)
-        _, _, outputs = self.model_server.run_predict(request)
+        _, _, outputs = self.model_server.run_predict(request, arrays)
         try:
             return response_body(outputs, form)
         except JsonTensorError as error:

@@ -117,25 +117,22 @@ def provenance_summary(path: str) -> str:
 def _tensor_from_proto(
     name: str, proto, info: meta_graph_pb2.TensorInfo, max_elements: int
 ) -> np.ndarray:
-    """Checks one request tensor against the signature's TensorInfo, then decodes it.
+    """Checks one request tensor (a TensorProto, or a numpy array REST decoded from JSON)
+    against the signature's TensorInfo, then decodes it.
 
     Shape and size are checked on the proto before decoding, so a small message that claims a
     huge shape is refused instead of being expanded in memory.
     """
+    if isinstance(proto, np.ndarray):  # decoded already (REST): built with the input's dtype
+        _check_shape(name, list(proto.shape), info, max_elements)
+        return proto
     if proto.dtype != info.dtype:
         expected, sent = _dtype_name(info.dtype), _dtype_name(proto.dtype)
         raise invalid(f'input "{name}": expects {expected} but {sent} was sent')
     dims = [d.size for d in proto.tensor_shape.dim]
     if proto.tensor_shape.unknown_rank or any(d < 0 for d in dims):
         raise invalid(f'input "{name}": the tensor shape must be fully defined, got {dims}')
-    if not info.tensor_shape.unknown_rank:
-        expected = [d.size for d in info.tensor_shape.dim]
-        if len(dims) != len(expected) or any(e >= 0 and d != e for d, e in zip(dims, expected)):
-            raise invalid(
-                f'input "{name}": expects shape {expected} (-1 = any size) but {dims} was sent'
-            )
-    if math.prod(dims) > max_elements:
-        raise invalid(f'input "{name}": {math.prod(dims)} elements, over the cap of {max_elements}')
+    _check_shape(name, dims, info, max_elements)
     item_bytes = (STRING_DECODED_BYTES if proto.dtype == types_pb2.DT_STRING
                   else tf.dtypes.as_dtype(proto.dtype).size)
     decoded = math.prod(dims) * item_bytes
@@ -153,6 +150,18 @@ def _tensor_from_proto(
         return tf.make_ndarray(proto)
     except Exception as error:  # noqa: BLE001  (any decoding failure is the sender's)
         raise invalid(f"tensor parsing error: {name} ({error})") from None
+
+
+def _check_shape(name: str, dims: list[int], info: meta_graph_pb2.TensorInfo,
+                 max_elements: int) -> None:
+    if not info.tensor_shape.unknown_rank:
+        expected = [d.size for d in info.tensor_shape.dim]
+        if len(dims) != len(expected) or any(e >= 0 and d != e for d, e in zip(dims, expected)):
+            raise invalid(
+                f'input "{name}": expects shape {expected} (-1 = any size) but {dims} was sent'
+            )
+    if math.prod(dims) > max_elements:
+        raise invalid(f'input "{name}": {math.prod(dims)} elements, over the cap of {max_elements}')
 
 
 def _dtype_name(enum: int) -> str:
@@ -226,10 +235,15 @@ def run_signature(
     arrays = parse_inputs(signature, inputs, max_batch_size, max_elements)
     keys = output_keys(signature, output_filter)
     function = servable.functions[signature_name]
+    dtypes = {key: tf.dtypes.as_dtype(info.dtype) for key, info in signature.inputs.items()}
 
     def call(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
-            outputs = function(**batch)
+            # EagerTensors of the signature's dtypes, made here: given numpy arrays, the
+            # function's own argument binding casts each through its TensorSpec, which costs
+            # ~0.3 ms a call with the interpreter lock held (a fifth of a REST request's).
+            outputs = function(**{key: tf.constant(value, dtypes[key])
+                                  for key, value in batch.items()})
         except (TypeError, ValueError) as error:
             raise invalid(
                 f"the inputs do not fit the signature {signature_name}: {error}") from None

@@ -44,6 +44,7 @@ import time
 from typing import NoReturn
 
 import grpc
+import numpy as np
 import tensorflow as tf
 from grpc_health.v1 import health, health_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, predict_pb2
@@ -63,6 +64,7 @@ from serving.servable import (
     output_proto,
     run_signature,
 )
+from serving.tensor_protos import to_tensor_proto
 from serving.versions import ModelConfig, ModelVersions, read_model_config_file
 
 log = logging.getLogger(__name__)
@@ -207,24 +209,32 @@ class ModelServer:
         """Answers one PredictRequest (raises RpcError for requests TF Serving would refuse)."""
         return _response(request, *self.run_predict(request))
 
-    def run_predict(self, request: predict_pb2.PredictRequest):
+    def run_predict(self, request: predict_pb2.PredictRequest,
+                    arrays: dict[str, np.ndarray] | None = None):
         """(servable, signature name, output name -> numpy array) of one PredictRequest: what
         `predict` answers, before its outputs become TensorProtos (REST writes JSON from the
-        arrays directly)."""
+        arrays directly).
+
+        `arrays`: the inputs already decoded (REST's JSON), in place of `request.inputs`;
+        they are checked against the signature just the same, and become TensorProtos only
+        if this call is sampled into the request log.
+        """
         if not request.HasField("model_spec"):
             raise invalid("Missing ModelSpec")
         servable = self.resolve(request.model_spec)
         signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
         started = time.perf_counter()
         outputs = run_signature(
-            servable, signature_name, request.inputs, request.output_filter,
-            self.max_batch_size, self.max_elements, self.batcher,
+            servable, signature_name, request.inputs if arrays is None else arrays,
+            request.output_filter, self.max_batch_size, self.max_elements, self.batcher,
         )
         # predict_util.cc records the runtime's wall time as runtime "TF1" (a SavedModel session)
         M.RUNTIME_LATENCY.add((time.perf_counter() - started) * 1e6, request.model_spec.name,
                               "Predict", "TF1")
         logger = self.request_logs.get(request.model_spec.name)
         if logger is not None and logger.sampled():
+            if arrays is not None:
+                request = _with_inputs(request, arrays)
             logger.write(request, _response(request, servable, signature_name, outputs))
         return servable, signature_name, outputs
 
@@ -353,6 +363,15 @@ def serve(model_base_path: str | None = None, **kwargs) -> ModelServer:
     server = ModelServer(model_base_path, **kwargs)
     server.start()
     return server
+
+
+def _with_inputs(request, arrays: dict[str, np.ndarray]) -> predict_pb2.PredictRequest:
+    """A copy of `request` carrying `arrays` as its input TensorProtos."""
+    logged = predict_pb2.PredictRequest()
+    logged.CopyFrom(request)
+    for key, array in arrays.items():
+        logged.inputs[key].CopyFrom(to_tensor_proto(array))
+    return logged
 
 
 def _response(request, servable, signature_name: str, outputs) -> predict_pb2.PredictResponse:

@@ -89,3 +89,21 @@ def test_rows_with_several_outputs_and_strings():
 def test_columnar_answers_with_several_outputs_and_integers():
     outputs = {"count": np.array(3, np.int32), "ids": np.array([[1, 2]], np.int64)}
     assert response_body(outputs, COLUMNAR) == b'{"outputs":{"count":3,"ids":[[1,2]]}}'
+
+
+@pytest.mark.parametrize("values", [
+    [[b"m1", b"m2"], [b"m3", b""]],                    # plain: written by joining
+    [[b"caf\xc3\xa9", "日本".encode()], [b"x", b"y"]],  # non-ASCII UTF-8 is written as is
+    [[b'say "hi"', b"back\\slash"], [b"tab\there", b"nl\n"]],  # escaped value by value
+    [[b"\xc3", b"\xa9"], [b"\xff", b"ok"]],            # invalid UTF-8, even when split
+    [b"a", b"b\x00c"],                                 # rank 1, a control character
+    [[[b"a"], [b"b"]], [[b"c"], [b"d"]]],              # rank 3
+])
+def test_string_outputs_match_json_dumps_of_the_decoded_values(values):
+    # rapidjson's Writer::String (json_tensor.cc WriteString): quotes, backslashes and control
+    # characters escaped, UTF-8 kept; the joining fast path must write what json.dumps writes
+    array = np.array(values, dtype=object)
+    expected = json.dumps(
+        np.vectorize(lambda b: b.decode("utf-8", "replace"), otypes=[object])(array).tolist(),
+        ensure_ascii=False, separators=(",", ":"))
+    assert response_body({"ids": array}, ROW) == f'{{"predictions":{expected}}}'.encode()

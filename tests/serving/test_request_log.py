@@ -4,6 +4,8 @@ PredictionLog TFRecords that replay as SavedModel warmup."""
 from __future__ import annotations
 
 import glob
+import http.client
+import json
 import os
 import shutil
 
@@ -74,3 +76,32 @@ def test_sampling_logs_a_share_of_the_calls(tmp_path, model_base_path):
     [log] = glob.glob(str(tmp_path / "logs" / "recsys_cvae.*.tfrecord"))
     logged = sum(1 for _ in tf.data.TFRecordDataset(log))
     assert 25 <= logged <= 75  # 50 expected
+
+
+def test_rest_calls_are_logged_with_their_inputs(tmp_path, model_base_path):
+    # REST decodes JSON straight to arrays; a sampled call must still log the PredictRequest
+    # a gRPC client would have sent, so the log replays as warmup like any other
+    server = ModelServer(model_config_file=config_file(tmp_path, model_base_path, 1.0), port=0,
+                         poll_interval_s=60.0, rest_api_port=0)
+    server.start()
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", server.rest_port, timeout=10)
+        body = {"signature_name": "generate", "instances": [{"region": "south", "age": 4.5}]}
+        connection.request("POST", "/v1/models/recsys_cvae:predict", json.dumps(body))
+        answer = connection.getresponse()
+        assert answer.status == 200, answer.read()
+        answer.read()
+    finally:
+        server.stop(grace_s=1.0)
+    [log] = glob.glob(str(tmp_path / "logs" / "recsys_cvae.*.tfrecord"))
+    [record] = [prediction_log_pb2.PredictionLog.FromString(r.numpy())
+                for r in tf.data.TFRecordDataset(log)]
+    request = record.predict_log.request
+    assert request.model_spec.signature_name == "generate"
+    assert tf.make_ndarray(request.inputs["region"]).tolist() == [b"south"]
+    assert tf.make_ndarray(request.inputs["age"]).tolist() == [4.5]
+    version = tmp_path / "replay" / "1"
+    shutil.copytree(os.path.join(model_base_path, "1"), version)
+    os.makedirs(version / "assets.extra", exist_ok=True)
+    shutil.copy(log, version / "assets.extra" / "tf_serving_warmup_requests")
+    assert warm_up(load_servable(str(version), 1), 64, 1 << 20) == 1
