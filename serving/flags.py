@@ -35,7 +35,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "--rest-api-num-threads", type=int, default=0,
         help="REST requests answered at once, by that many worker threads; open and idle "
         "keep-alive connections wait without one (TF Serving's --rest_api_num_threads; "
-        "default 0: 4 per CPU)")
+        "default 0: 4, not TF Serving's 4 per CPU: Python's interpreter lock serialises most "
+        "of a request, and more threads only queue for it)")
     parser.add_argument(
         "--rest-api-timeout-in-ms", type=int, default=30000,
         help="how long a REST connection may stay idle, or take to send a request (TLS "

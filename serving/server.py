@@ -91,8 +91,8 @@ class ModelServer:
         `batch_size` rows, waiting at most `batch_timeout_s` for company.
       ssl_cert, ssl_key: PEM files; when given, gRPC and REST speak TLS only.
       ssl_client_ca: PEM CA; clients must present a certificate it signed (mutual TLS).
-      rest_api_num_threads, rest_api_timeout_s: REST requests answered at once (0: 4 per
-        CPU) and how long a connection may idle or take to send a request
+      rest_api_num_threads, rest_api_timeout_s: REST requests answered at once (0:
+        `rest.DEFAULT_REST_THREADS`) and how long a connection may idle or take to send a request
         (`http_connections.PooledHTTPServer`).
       batching_parameters_file: TF Serving's BatchingParameters text file (with
         enable_batching, instead of batch_size / batch_timeout_s).
