@@ -114,8 +114,9 @@ def provenance_summary(path: str) -> str:
         return ""
 
 
-def _tensor_from_proto(
-    name: str, proto, info: meta_graph_pb2.TensorInfo, max_elements: int
+def _checked_array(
+    name: str, proto: tensor_pb2.TensorProto | np.ndarray, info: meta_graph_pb2.TensorInfo,
+    max_elements: int,
 ) -> np.ndarray:
     """Checks one request tensor (a TensorProto, or a numpy array REST decoded from JSON)
     against the signature's TensorInfo, then decodes it.
@@ -188,7 +189,7 @@ def parse_inputs(
             f"Missing but required: {{{','.join(sorted(expected - sent))}}}."
         )
     arrays = {
-        key: _tensor_from_proto(key, inputs[key], signature.inputs[key], max_elements)
+        key: _checked_array(key, inputs[key], signature.inputs[key], max_elements)
         for key in sorted(expected)
     }
     batch_sizes = {key: a.shape[0] for key, a in arrays.items() if a.ndim > 0}
