@@ -125,6 +125,7 @@ def _checked_array(
     huge shape is refused instead of being expanded in memory.
     """
     if isinstance(proto, np.ndarray):  # decoded already (REST): built with the input's dtype
+        # (no decoded-size cap: every JSON value is in the body, which the body cap bounds)
         _check_shape(name, list(proto.shape), info, max_elements)
         return proto
     if proto.dtype != info.dtype:
