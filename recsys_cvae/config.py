@@ -116,22 +116,16 @@ class ModelConfig:
         deployment benchmark [0, 0.33, 0.5] served 0.994 × EASE against 0.998 × with EASE
         alone (validation picked EDLAE, which then ranked the test users slightly worse).
       low_pass_ranks: after the EASE blend, add γ · x · S to the branch, S the item graph's
-        low-pass filter at one of these ranks (`recsys_cvae.model.low_pass`; ranks from a
-        quarter of min(users, items) up are skipped; `recsys_cvae.training.low_pass_blend`,
-        no filter is always a candidate).
+        ideal low-pass filter at one of these ranks (`recsys_cvae.model.low_pass`; ranks
+        from a quarter of min(users, items) up are skipped), with (rank, β, γ) chosen on
+        validation (`recsys_cvae.training.low_pass_blend`; γ = 0 is always a candidate).
         On the deployment benchmark it lifted ML-100K's served warm ranking from 0.998 × to
         1.013 × EASE's (seeds 0-2). [] turns it off.
       low_pass_exponents: the item-degree exponent β tried (0.5 is GF-CF's symmetric
         normalisation; 0.3 ranked better on ML-100K). Each costs one eigendecomposition
         of an items × items matrix.
-      low_pass_weights: the filter's weights tried relative to EASE's, as multiples of the
-        ratio of EASE's score spread to x · S's, so the grid does not depend on the scale.
-        (rank, β, weight) is chosen on a fold-in slice of the training users (a tenth of each
-        one's items held out: ten times the validation users), and γ = α × the weight.
-      low_pass_shape: `cosine` weights the filter's directions ½(1 + cos(π i / rank)), so the
-        rank is no knife-edge; `ideal` keeps the first `rank` at 1 (GF-CF's). With NumPy on
-        the deployment split (seeds 0-5) the taper ranked 1.030 × EASE at its best, ideal
-        1.024 ×.
+      low_pass_weights: the γ tried, as multiples of the ratio of the scores' spread to
+        x · S's, so the grid does not depend on the logits' scale.
       prior_reconstruction_weight: w in loss += w · −log p(x | z_p, c), z_p ~ p(z|c) (Sohn et
         al.'s hybrid CVAE/GSNN objective): trains the path `generate` uses (cold start,
         what-if) directly. 0 turns it off; needs the conditional prior.
@@ -188,7 +182,6 @@ class ModelConfig:
     low_pass_weights: list[float] = dataclasses.field(
         default_factory=lambda: [0.1, 0.2, 0.35, 0.5, 0.75, 1.0]
     )
-    low_pass_shape: str = "cosine"
     prior_reconstruction_weight: float = 2.0
     prior_reconstruction_fraction: float = 0.0
     use_history_weights: bool = True
@@ -486,8 +479,6 @@ _LOWER_BOUNDS = {
     "evaluate.bootstrap_replicates": (0, "0 reports no intervals"),
 }
 _POSITIVE = {"train.learning_rate"}
-# Text fields that take one of a few values.
-_CHOICES = {"model.low_pass_shape": ("cosine", "ideal")}
 # List fields whose every entry must pass a test: (test, what the entries may be).
 _LIST_BOUNDS = {
     "model.linear_blend_dropouts": (lambda rate: 0.0 <= rate < 1.0,
@@ -503,9 +494,6 @@ def _check_bounds(key: str, value: Any, where: str) -> None:
         raise ConfigError(f"{where}: {key} must be at least {floor} ({meaning}), got {value}")
     if key in _POSITIVE and not value > 0:
         raise ConfigError(f"{where}: {key} must be more than 0, got {value}")
-    if key in _CHOICES and value not in _CHOICES[key]:
-        raise ConfigError(f"{where}: {key} takes one of {', '.join(_CHOICES[key])}, "
-                          f"got {value!r}")
     if key in _LIST_BOUNDS:
         test, allowed = _LIST_BOUNDS[key]
         if not all(test(entry) for entry in value):

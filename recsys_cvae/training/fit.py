@@ -207,9 +207,8 @@ def _blend(
     fixed: dict[str, Any] | None, best_weights: str,
 ) -> dict[str, Any] | None:
     """The best epoch's weights plus EASE's closed form and then the low-pass filter: at the
-    (λ, α) validation picks and the (rank, β, γ) a fold-in slice of the training users
-    picks against it, or at `fixed`'s when there is no validation; None when neither
-    applies."""
+    (λ, α) and (rank, β, γ) validation picks, or at `fixed`'s when there is no validation;
+    None when neither applies."""
     settings = config.model
     searches = settings.linear_blend_lambdas or settings.low_pass_weights
     if fixed is None and not (data.validation and searches):
@@ -234,7 +233,7 @@ def _blend(
         chosen.update(blend_low_pass(
             model, spec, data.train[0], data.validation, batch_size,
             settings.low_pass_ranks, settings.low_pass_exponents, settings.low_pass_weights,
-            config.evaluate.selection_metric, chosen, settings.low_pass_shape,
+            config.evaluate.selection_metric,
         ))
     model.save_weights(best_weights)
     return chosen

@@ -1,19 +1,16 @@
-"""Folds the item graph's low-pass filter into the CVAE's item-item branch.
+"""Folds the item graph's low-pass filter into the CVAE's item-item branch, weighted on validation.
 
 Why: after the EASE blend (`training.ease_blend`) the branch holds exact item-to-item
 co-occurrence; the low-pass filter S (`model.low_pass`) adds the catalogue's few broad
-directions of taste, which on ML-100K lifted EASE's own ranking by 2–3%. Linear in x like B:
+directions of taste, which on ML-100K lifted EASE's own ranking by ~2%. Linear in x like B:
 
     logits = Decoder(z, c) + x · (B_trained + α · B_ease) + γ · x · S(rank, β)
 
-The filter's (rank, β) and its weight relative to EASE are chosen on a fold-in slice of the
-training users (`training.fold_in_slice`), where there are ten times the validation users:
-chosen on ~85 validation users the filter gained 1.0 % over EASE on the deployment benchmark's
-split, chosen on the slice 2.7 % (NumPy, seeds 0–5). γ = α × that relative weight, α being
-what the validation users chose for EASE against the CVAE's logits. Relative weights are
-tried as multiples of the ratio of EASE's score spread to x·S's (per-user standard
-deviations, averaged), so one grid serves any catalogue size; 0, "no filter", is always a
-candidate. The serving refit reuses (rank, β, γ, shape) on all the data (`add_low_pass`).
+(rank, β, γ) is chosen on the validation users' `evaluate.selection_metric`, after the EASE
+blend (γ = 0, "no filter", is always a candidate, so validation never gets worse). γ is tried
+as multiples of the ratio of the current scores' spread to x·S's (per-user standard
+deviations, averaged), so one grid serves CVAE logits, EASE-dominated logits and any
+catalogue size. The serving refit reuses (rank, β, γ) on all the data (`add_low_pass`).
 """
 
 from __future__ import annotations
@@ -25,17 +22,15 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from recsys_cvae.model.ease import ease_from_gram
-from recsys_cvae.model.low_pass import cosine_taper, low_pass_factors, low_pass_from_gram
+from recsys_cvae.model.low_pass import low_pass_factors, low_pass_from_gram
 from recsys_cvae.spec import FeatureSpec
 from recsys_cvae.training.dataset import make_dataset
 from recsys_cvae.training.ease_blend import add_to_branch, validation_arrays, validation_score
-from recsys_cvae.training.fold_in_slice import fold_in_slice
 
 log = logging.getLogger(__name__)
 
 # The choice, as `train` returns it inside `linear_blend` and the refit reads it back.
-CHOICE = ("low_pass_rank", "low_pass_exponent", "low_pass_weight", "low_pass_shape")
+CHOICE = ("low_pass_rank", "low_pass_exponent", "low_pass_weight")
 
 
 def normalised_gram(
@@ -73,79 +68,47 @@ def blend_low_pass(
     exponents: Sequence[float],
     weights: Sequence[float],
     metric: str,
-    ease_choice: dict[str, Any],
-    shape: str = "cosine",
 ) -> dict[str, Any]:
-    """Adds γ · S(rank, β) to the model's item-item branch; returns the choice (`CHOICE`;
-    weight 0 = none), the fold-in slice's `metric` with EASE alone and with the filter
-    (`fold_in_<metric>_ease`, `fold_in_<metric>_low_pass`), and the validation `metric`
-    before and after (`validation_<metric>_low_pass_before`, `..._low_pass`), for the record.
-
-    The filter's shape and its weight relative to EASE's scores are chosen on a fold-in slice
-    of the training users (`training.fold_in_slice`: ten times the validation users), against
-    EASE at the (λ, p) `ease_choice` holds; γ is that relative weight times EASE's blend
-    weight α, so the filter keeps its share of the linear term the validation users chose
-    for the CVAE. No filter without an EASE blend (α = 0): its weight is set against EASE's.
-    """
-    none = {"low_pass_rank": None, "low_pass_exponent": None, "low_pass_weight": 0.0,
-            "low_pass_shape": shape}
+    """Adds γ · S(rank, β) to the model's item-item branch for the best (rank, β, γ) on
+    validation; returns the choice (`CHOICE`; weight 0 = none) and the validation metric
+    before and after (`validation_<metric>_low_pass_before`, `..._low_pass`)."""
+    none = {"low_pass_rank": None, "low_pass_exponent": None, "low_pass_weight": 0.0}
     branch = model.item_item
+    logits, inputs, truth = validation_arrays(model, spec, validation_split, batch_size)
     ranks = candidate_ranks(ranks, spec.splits[train_split].users, spec.num_items)
-    alpha = float(ease_choice.get("alpha") or 0.0)
-    if branch is None or not ranks or not weights or alpha <= 0:
+    if branch is None or not truth or not ranks or not weights:
         return none
-    data = fold_in_slice(model, spec, train_split, batch_size)
-    if not data.truth:
-        return none
-    seen = data.inputs > 0
-    ease_scores = data.inputs @ ease_from_gram(data.gram, ease_choice["l2"],
-                                               ease_choice.get("dropout", 0.0))
-    slice_key = f"fold_in_{metric}"
-    best_value = validation_score(ease_scores, seen, data.truth, metric)
-    scores = {f"{slice_key}_ease": best_value, f"{slice_key}_low_pass": best_value}
-    spread = float(np.mean(np.std(ease_scores, axis=1)))
-    chosen = None
+    seen = inputs > 0
+    key = f"validation_{metric}_low_pass"
+    before = validation_score(logits, seen, truth, metric)
+    best = {**none, f"{key}_before": before, key: before}
+    best_factors, chosen_multiple = None, 0.0
+    gram, degrees = normalised_gram(model, spec, train_split, batch_size)
+    spread = float(np.mean(np.std(logits, axis=1)))
     for exponent in exponents:
-        left, right = low_pass_factors(data.normalised_gram, data.degrees, max(ranks), exponent)
-        projected = data.inputs @ left
+        left, right = low_pass_factors(gram, degrees, max(ranks), exponent)
+        projected = inputs @ left
         for rank in ranks:
-            filtered = (projected[:, :rank] * _taper(shape, rank)) @ right[:rank]
+            filtered = projected[:, :rank] @ right[:rank]
             unit = spread / max(float(np.mean(np.std(filtered, axis=1))), 1e-12)
             for multiple in weights:
                 if multiple <= 0:
                     continue
-                value = validation_score(ease_scores + multiple * unit * filtered, seen,
-                                         data.truth, metric)
-                if value > best_value:
-                    best_value, chosen = value, (float(exponent), int(rank), multiple * unit)
-    if chosen is None:
-        log.info("item-item branch: no low-pass filter (fold-in %s with EASE alone %.4f)",
-                 metric, best_value)
-        return {**none, **scores}
-    exponent, rank, relative = chosen
-    scores[f"{slice_key}_low_pass"] = best_value
-    gram, degrees = normalised_gram(model, spec, train_split, batch_size)
-    low_pass = low_pass_from_gram(gram, degrees, rank, exponent, shape == "cosine")
-    weight = alpha * relative
-    logits, inputs, truth = validation_arrays(model, spec, validation_split, batch_size)
-    key = f"validation_{metric}_low_pass"
-    if truth:
-        seen = inputs > 0
-        scores[f"{key}_before"] = validation_score(logits, seen, truth, metric)
-        scores[key] = validation_score(logits + weight * (inputs @ low_pass), seen, truth, metric)
-    add_to_branch(branch, weight * low_pass)
+                value = validation_score(logits + multiple * unit * filtered, seen, truth,
+                                         metric)
+                if value > best[key]:
+                    best.update(low_pass_rank=int(rank), low_pass_exponent=float(exponent),
+                                low_pass_weight=float(multiple * unit), **{key: value})
+                    chosen_multiple = multiple
+                    best_factors = left[:, :rank], right[:rank]
+    if best_factors is not None:
+        add_to_branch(branch, best["low_pass_weight"] * (best_factors[0] @ best_factors[1]))
     log.info(
-        "item-item branch: + %.3g × low-pass(%s, rank=%s, β=%s); fold-in %s with EASE %.4f → "
-        "%.4f; validation %.4f → %.4f", weight, shape, rank, exponent, metric,
-        scores[f"{slice_key}_ease"], best_value, scores.get(f"{key}_before", float("nan")),
-        scores.get(key, float("nan")),
+        "item-item branch: + %.3g × low-pass(rank=%s, β=%s) (%g × the spread ratio); "
+        "validation %s %.4f → %.4f", best["low_pass_weight"], best["low_pass_rank"],
+        best["low_pass_exponent"], chosen_multiple, metric, before, best[key],
     )
-    return {**none, "low_pass_rank": rank, "low_pass_exponent": exponent,
-            "low_pass_weight": float(weight), **scores}
-
-
-def _taper(shape: str, rank: int) -> np.ndarray:
-    return cosine_taper(rank) if shape == "cosine" else np.ones(rank)
+    return best
 
 
 def add_low_pass(
@@ -156,6 +119,5 @@ def add_low_pass(
     elsewhere (the serving refit reuses its protocol model's choice on all the data)."""
     gram, degrees = normalised_gram(model, spec, split, batch_size, fold_targets)
     low_pass = low_pass_from_gram(gram, degrees, int(choice["low_pass_rank"]),
-                                  choice["low_pass_exponent"],
-                                  choice.get("low_pass_shape", "ideal") == "cosine")
+                                  choice["low_pass_exponent"])
     add_to_branch(model.item_item, choice["low_pass_weight"] * low_pass)
