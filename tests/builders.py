@@ -417,3 +417,14 @@ def write_self_signed_certificate(folder: str) -> tuple[str, str]:
                                   serialization.PrivateFormat.PKCS8,
                                   serialization.NoEncryption()))
     return cert_path, key_path
+
+
+class RecordWeights(tf.keras.callbacks.Callback):
+    """Keeps the item-item branch's weights after every epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.branches = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.branches.append(self.model.item_item.weights_matrix.numpy().copy())

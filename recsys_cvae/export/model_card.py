@@ -89,6 +89,10 @@ def card_sections(provenance: Mapping[str, Any]) -> list[tuple[str, list[str], l
             f"({trained.get('users')} users, splits {', '.join(trained.get('splits', []))}) with "
             f"the settings selected on the `{trained['refit_of']}` protocol "
             f"({trained.get('epochs')} epochs).")
+    elif trained.get("history_held_out"):
+        details.append(
+            f"A protocol model: {trained['history_held_out']:.0%} of each training user's "
+            "history was held out of training to choose the EASE and low-pass blend on.")
     intended = [
         "Intended use: ranking catalogue items for known users from their interaction history "
         "and profile (`recommend`), and for users with a profile but no history (`generate`: "

@@ -12,7 +12,9 @@ user-kNN, RP3beta, EDLAE and attribute columns added at most 1.002 ×.
 
     R = D_u^−½ · X · D_i^−β            (X users × items, D_u / D_i their degrees)
     V = the top-`rank` right singular vectors of R (eigenvectors of RᵀR)
-    S = D_i^−β · V · Vᵀ · D_i^β         so that  scores = x · S
+    S = D_i^−β · V · W · Vᵀ · D_i^β     so that  scores = x · S
+
+W = I is the ideal filter; `cosine_taper` weights the directions down smoothly instead.
 
 β < ½ keeps more of the popular items' weight than the symmetric normalisation (β = ½,
 GF-CF's): on ML-100K β = 0.3 beat 0.5 (1.025 × against 1.016 × EASE at their best ranks).
@@ -44,9 +46,24 @@ def low_pass_factors(
     return leading * scale[:, None], leading.T / scale[None, :]
 
 
+def cosine_taper(rank: int) -> np.ndarray:
+    """The weights `[rank]` of the leading directions in the tapered filter: ½(1 + cos(π i /
+    rank)), 1 for the first and falling smoothly to ~0 at the rank-th.
+
+    Why a taper: the ideal filter's sharp cut makes the rank a knife-edge choice, and a noisy
+    one on few validation users. Measured with NumPy on ML-100K's deployment split (seeds
+    0–5, EASE + filter, best with hindsight): ideal 1.024 × EASE, cosine taper 1.030 ×.
+    """
+    return 0.5 * (1.0 + np.cos(np.pi * np.arange(rank) / rank))
+
+
 def low_pass_from_gram(
-    normalised_gram: np.ndarray, degrees: np.ndarray, rank: int, exponent: float
+    normalised_gram: np.ndarray, degrees: np.ndarray, rank: int, exponent: float,
+    tapered: bool = False,
 ) -> np.ndarray:
-    """S `[num_items, num_items]` float64 (`low_pass_factors`' product)."""
+    """S `[num_items, num_items]` float64: `low_pass_factors`' product, its directions
+    weighted by `cosine_taper` when `tapered`."""
     left, right = low_pass_factors(normalised_gram, degrees, rank, exponent)
+    if tapered:
+        left = left * cosine_taper(rank)[None, :]
     return left @ right

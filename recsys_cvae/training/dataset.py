@@ -28,9 +28,11 @@ from collections.abc import Sequence
 import tensorflow as tf
 
 from recsys_cvae.model.preprocessing import HISTORY_WEIGHTS
-from recsys_cvae.spec import HISTORY, TARGETS, FeatureSpec, SpecError
+from recsys_cvae.spec import HISTORY, TARGETS, USER_ID, FeatureSpec, SpecError
 
 SHUFFLE_BUFFER_USERS = 10_000
+# `hold_out` draws each (user, item) from a fingerprint in [0, HOLD_OUT_BUCKETS).
+HOLD_OUT_BUCKETS = 1 << 30
 
 
 def split_files(spec: FeatureSpec, split: str) -> list[str]:
@@ -53,6 +55,7 @@ def make_dataset(
     seed: int = 0,
     input_context: tf.distribute.InputContext | None = None,
     fold_targets: bool = False,
+    hold_out: float = 0.0,
 ) -> tf.data.Dataset:
     """Batches of one split's users, as raw padded tensors (see the module docstring).
 
@@ -68,6 +71,10 @@ def make_dataset(
       fold_targets: each user's held-out targets join their history (and targets are left
         empty): every interaction becomes input, for the serving refit on all the data
         (`training.refit`). History weights, when the spec has them, are 1 for the targets.
+      hold_out: this share of each user's history becomes their targets instead (the old
+        targets are dropped): the fold-in slice protocol models hold out of training to
+        choose the linear term on (`training.linear_blend`). Drawn from a fingerprint of
+        (user id, item id), so every pass, process and worker holds out the same items.
 
     Returns:
       A finite `tf.data.Dataset`; the last batch may be smaller.
@@ -105,7 +112,7 @@ def make_dataset(
     parse_spec = spec.parse_spec()
     dataset = dataset.batch(per_replica_batch)
     dataset = dataset.map(
-        lambda serialized: parse_batch(serialized, parse_spec, fold_targets),
+        lambda serialized: parse_batch(serialized, parse_spec, fold_targets, hold_out),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
@@ -113,14 +120,17 @@ def make_dataset(
 
 
 def parse_batch(
-    serialized: tf.Tensor, parse_spec: dict, fold_targets: bool = False
+    serialized: tf.Tensor, parse_spec: dict, fold_targets: bool = False, hold_out: float = 0.0
 ) -> dict[str, tf.Tensor]:
     """Parses `[batch]` serialised examples; ragged id lists become `[batch, n]` padded with "".
 
     A batch whose users all have empty lists gets shape `[batch, 0]`; the model accepts it.
-    With `fold_targets`, the targets are appended to the history (see `make_dataset`).
+    With `fold_targets`, the targets are appended to the history; with `hold_out`, a share
+    of the history becomes the targets (see `make_dataset`).
     """
     features = tf.io.parse_example(serialized, parse_spec)
+    if hold_out > 0:
+        _hold_out(features, hold_out)
     if fold_targets:
         targets = features[TARGETS]
         features[HISTORY] = tf.concat([features[HISTORY], targets], axis=1)
@@ -137,3 +147,18 @@ def parse_batch(
             weights = weights.to_tensor(default_value=0.0, shape=tf.shape(features[HISTORY]))
         features[HISTORY_WEIGHTS] = weights
     return features
+
+
+def _hold_out(features: dict[str, tf.Tensor], share: float) -> None:
+    """Moves the history items whose (user, item) fingerprint falls below `share` of the
+    buckets into the targets, in place (their weights are dropped with them)."""
+    history = features[HISTORY]  # ragged [batch, None]
+    users = tf.gather(features[USER_ID], history.value_rowids())
+    keys = tf.strings.join([users, history.values], separator="\x1f")
+    drawn = tf.strings.to_hash_bucket_fast(keys, HOLD_OUT_BUCKETS)
+    held = history.with_values(drawn < int(share * HOLD_OUT_BUCKETS))
+    features[TARGETS] = tf.ragged.boolean_mask(history, held)
+    features[HISTORY] = tf.ragged.boolean_mask(history, tf.logical_not(held))
+    if HISTORY_WEIGHTS in features:
+        features[HISTORY_WEIGHTS] = tf.ragged.boolean_mask(features[HISTORY_WEIGHTS],
+                                                           tf.logical_not(held))

@@ -41,8 +41,9 @@ from recsys_cvae.spec import FeatureSpec, absolute_local_path
 from recsys_cvae.training.attribute_blend import apply_lift, blend_lift
 from recsys_cvae.training.callbacks import BetaAnnealing, RankingValidation
 from recsys_cvae.training.dataset import make_dataset
-from recsys_cvae.training.ease_blend import add_ease, blend_closed_form, gram_matrix
-from recsys_cvae.training.low_pass_blend import add_low_pass, blend_low_pass
+from recsys_cvae.training.ease_blend import add_ease, gram_matrix
+from recsys_cvae.training.linear_blend import blend_linear_term
+from recsys_cvae.training.low_pass_blend import add_low_pass
 from recsys_cvae.training.strategy import choose_strategy, resolve_strategy_name, worker_name
 
 log = logging.getLogger(__name__)
@@ -60,11 +61,14 @@ class FitData:
         the last one is the model).
       fold_targets: the training users' held-out targets join their history, so every
         interaction is input (the serving refit, `training.refit`).
+      hold_out: this share of each training user's history is left out of training, for
+        the linear blend to choose on (`training.linear_blend`, `make_dataset(hold_out=)`).
     """
 
     train: tuple[str, ...]
     validation: str | None
     fold_targets: bool = False
+    hold_out: float = 0.0
 
     def users(self, spec: FeatureSpec) -> int:
         return sum(spec.splits[split].users for split in self.train)
@@ -72,7 +76,8 @@ class FitData:
     def describe(self, spec: FeatureSpec) -> dict[str, Any]:
         """The provenance written to config.json and the export's assets."""
         return {"splits": list(self.train), "validation": self.validation,
-                "users": self.users(spec), "targets_in_history": self.fold_targets}
+                "users": self.users(spec), "targets_in_history": self.fold_targets,
+                "history_held_out": self.hold_out}
 
 
 def _fit_inputs(
@@ -91,10 +96,11 @@ def _fit_inputs(
     repeats and an epoch is counted in steps. Validation loss is skipped there: the
     ranking validation runs on every worker alike.
     """
-    fold = data.fold_targets
+    fold, held = data.fold_targets, data.hold_out
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         train_data = make_dataset(
-            spec, data.train, batch_size, shuffle=True, seed=seed, fold_targets=fold
+            spec, data.train, batch_size, shuffle=True, seed=seed, fold_targets=fold,
+            hold_out=held,
         )
         validation_data = (
             make_dataset(spec, data.validation, batch_size) if data.validation else None
@@ -103,7 +109,7 @@ def _fit_inputs(
     train_data = strategy.distribute_datasets_from_function(
         lambda context: make_dataset(
             spec, data.train, batch_size, shuffle=True, seed=seed, input_context=context,
-            fold_targets=fold,
+            fold_targets=fold, hold_out=held,
         ).repeat()
     )
     return train_data, steps_per_epoch(spec, data, batch_size), None
@@ -158,6 +164,8 @@ def train(
     if data is None:
         training, validation = P.fit_splits(spec, config.train.protocol)
         data = FitData((training,), validation)
+    if fixed_blend is None and data.validation and _has_branch(spec, config):
+        data = dataclasses.replace(data, hold_out=config.model.linear_blend_held_out_share)
     trained_on = {**data.describe(spec), **(provenance or {})}
     run = _prepare_model_dir(strategy, features_dir, model_dir, config, trained_on)
     model = _compiled_model(strategy, spec, config)
@@ -202,15 +210,23 @@ class _RunFolders:
         return os.path.join(self.out_dir, BEST_WEIGHTS)
 
 
+def _has_branch(spec: FeatureSpec, config: Config) -> bool:
+    """Whether this run's CVAE gets a linear blend to choose (`build_model`'s rule)."""
+    settings = config.model
+    return (0 < spec.num_items <= settings.linear_branch_max_items
+            and bool(settings.linear_blend_lambdas))
+
+
 def _blend(
     model: CVAE, spec: FeatureSpec, data: FitData, config: Config,
     fixed: dict[str, Any] | None, best_weights: str,
 ) -> dict[str, Any] | None:
-    """The best epoch's weights plus EASE's closed form and then the low-pass filter: at the
-    (λ, α) and (rank, β, γ) validation picks, or at `fixed`'s when there is no validation;
-    None when neither applies."""
+    """The best epoch's weights plus EASE's closed form and the low-pass filter
+    (`training.linear_blend`: shaped on a fold-in slice of the training users, weighted on
+    validation), or at `fixed`'s choice when there is no validation; None when neither
+    applies."""
     settings = config.model
-    searches = settings.linear_blend_lambdas or settings.low_pass_weights
+    searches = settings.linear_blend_lambdas
     if fixed is None and not (data.validation and searches):
         return None
     if fixed is not None and not (fixed.get("alpha") or fixed.get("low_pass_weight")):
@@ -225,16 +241,8 @@ def _blend(
             add_low_pass(model, spec, data.train, batch_size, data.fold_targets, fixed)
         chosen = dict(fixed)
     else:
-        chosen = blend_closed_form(
-            model, spec, data.train[0], data.validation, batch_size,
-            settings.linear_blend_lambdas, settings.linear_blend_weights,
-            config.evaluate.selection_metric, settings.linear_blend_dropouts,
-        )
-        chosen.update(blend_low_pass(
-            model, spec, data.train[0], data.validation, batch_size,
-            settings.low_pass_ranks, settings.low_pass_exponents, settings.low_pass_weights,
-            config.evaluate.selection_metric,
-        ))
+        chosen = blend_linear_term(model, spec, data.train[0], data.validation, batch_size,
+                                   settings, config.evaluate.selection_metric, data.hold_out)
     model.save_weights(best_weights)
     return chosen
 
@@ -395,7 +403,7 @@ def ease_matrix(model: CVAE, spec: FeatureSpec, data: FitData, l2: float, batch_
     """EASE's closed form B on the training users' inputs x (`ease_blend.gram_matrix`), as the
     float32 `[num_items, num_items]` start of the item-item branch. Every worker of a cluster
     computes the same B from the whole training set."""
-    gram = gram_matrix(model, spec, data.train, batch_size, data.fold_targets)
+    gram = gram_matrix(model, spec, data.train, batch_size, data.fold_targets, data.hold_out)
     return ease_from_gram(gram, l2).astype(np.float32)
 
 

@@ -52,3 +52,21 @@ def test_items_never_seen_do_not_divide_by_zero_and_bad_settings_are_refused():
         low_pass_from_gram(*statistics(x), rank=12, exponent=0.3)
     with pytest.raises(ValueError, match="exponent must be in"):
         low_pass_from_gram(*statistics(x), rank=2, exponent=1.5)
+
+
+def test_the_cosine_taper_weights_the_leading_directions_down_smoothly():
+    """Tapered S = D^−β V W Vᵀ D^β, W = diag(½(1 + cos(π i / rank))): the first direction
+    whole, later ones less, and no longer a projection."""
+    from recsys_cvae.model.low_pass import cosine_taper, low_pass_factors
+
+    taper = cosine_taper(4)
+    np.testing.assert_allclose(taper, [1.0, 0.5 + 0.5 * np.cos(np.pi / 4), 0.5,
+                                       0.5 + 0.5 * np.cos(3 * np.pi / 4)])
+    x = two_tastes()
+    gram, degrees = statistics(x)
+    left, right = low_pass_factors(gram, degrees, 4, 0.3)
+    tapered = low_pass_from_gram(gram, degrees, 4, 0.3, tapered=True)
+    np.testing.assert_allclose(tapered, (left * taper) @ right, atol=1e-12)
+    assert not np.allclose(tapered @ tapered, tapered)
+    np.testing.assert_allclose(low_pass_from_gram(gram, degrees, 1, 0.3, tapered=True),
+                               low_pass_from_gram(gram, degrees, 1, 0.3), atol=1e-12)

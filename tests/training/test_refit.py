@@ -58,7 +58,8 @@ def test_refit_trains_the_selected_epochs_on_all_users_and_records_it(features_d
     assert saved["trained_on"] == {
         "splits": ["train", "validation", "test", "cold"], "validation": None,
         "users": sum(spec.splits[s].users for s in ("train", "validation", "test", "cold")),
-        "targets_in_history": True, "refit_of": "strong", "epochs": 2, "beta_cap": 0.01,
+        "targets_in_history": True, "history_held_out": 0.0, "refit_of": "strong",
+        "epochs": 2, "beta_cap": 0.01,
     }
     with open(os.path.join(tmp_path, "training_metrics.json")) as f:
         history = json.load(f)["history"]
