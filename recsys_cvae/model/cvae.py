@@ -14,8 +14,8 @@ all three parts on the user's attributes c (Sohn et al., 2015):
            [+ w · −log p(x | z_p, c),  z_p ~ p(z|c)]   Sohn et al.'s hybrid (GSNN) term, w =
                                                        model.prior_reconstruction_weight
 
-After training, `recsys_cvae.training.ease_blend` adds α · EASE's closed form to B, (λ, α) chosen on
-validation (`model.linear_blend_lambdas`).
+After training, `recsys_cvae.training.linear_blend` adds α · (EASE + r · low-pass filter) to B,
+chosen on a held-out share of the training users' history and the validation users.
 
 x is the multi-hot history, or the feature job's per-item `history_weights` (rating or
 recency weights, aligned with the history ids) when the split has them and

@@ -15,7 +15,8 @@ alone; its weight α against the CVAE's logits on the slice and the validation u
 together (α = 0, "keep the trained branch", is always a candidate). The ~85 validation
 users of ML-100K alone were too few: with NumPy on the deployment split (seeds 0–5), EASE +
 filter chosen on them ranked 1.010 × EASE, chosen on a slice 1.027 ×, with hindsight
-1.030 ×; and on seed 4 they preferred the CVAE without EASE, which served 0.926 × EASE.
+1.030 ×; and on split seed 4 they picked no EASE at all, and the served model ranked
+0.926 × EASE.
 
 The serving refit reuses the choice on all the data (`fit._blend` with `fixed`): it records
 α, λ, p and the filter's weight γ = α · r, which is what `add_ease` and `add_low_pass` take.
