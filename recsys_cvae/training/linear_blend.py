@@ -91,7 +91,8 @@ def blend_linear_term(
     model: Any, spec: FeatureSpec, train_split: str, validation_split: str, batch_size: int,
     settings: ModelConfig, metric: str, held_out_share: float,
 ) -> dict[str, Any]:
-    """Adds α · (B_ease + r · S) of the kept parts to the model's item-item branch; returns
+    """Adds α · (B_ease + r · S) to the model's item-item branch, chosen on the kept parts and
+    built from every training interaction (as the serving refit builds it from all); returns
     the choice (`NONE`'s keys, plus `low_pass_shape`) and, for the record, the slice's
     `metric` for EASE alone and with the filter (`fold_in_<metric>_ease`,
     `fold_in_<metric>_low_pass`) and the slice's and validation users' `metric` before and
@@ -107,16 +108,20 @@ def blend_linear_term(
         return none
     shape = choose_shape(held, spec.splits[train_split].users, settings, metric)
 
-    linear = ease_from_gram(held.gram, shape["l2"], shape["dropout"])
-    if shape["low_pass_relative"]:
-        linear += shape["low_pass_relative"] * low_pass_from_gram(
-            held.normalised_gram, held.degrees, shape["low_pass_rank"],
-            shape["low_pass_exponent"], settings.low_pass_shape == "cosine")
+    tapered = settings.low_pass_shape == "cosine"
+    kept = linear_term(held.gram, held.normalised_gram, held.degrees, shape, tapered)
+    # What the model keeps: the same term over every training interaction, the held-out
+    # ones included (the validation users are scored with it; the slice's users cannot be).
+    full_gram, (full_normalised, full_degrees) = (
+        gram_matrix(model, spec, train_split, batch_size),
+        normalised_gram(model, spec, train_split, batch_size))
+    linear = linear_term(full_gram, full_normalised, full_degrees, shape, tapered)
     both_logits = np.concatenate([held.logits, logits]) if truth else held.logits
     both_inputs = np.concatenate([held.inputs, inputs]) if truth else held.inputs
     both_truth = held.truth + truth
     seen = both_inputs > 0
-    linear_scores = both_inputs @ linear
+    linear_scores = np.concatenate([held.inputs @ kept, inputs @ linear]) if truth \
+        else held.inputs @ kept
     before = validation_score(both_logits, seen, both_truth, metric)
     best_alpha, best_value = 0.0, before
     for alpha in settings.linear_blend_weights:
@@ -152,6 +157,19 @@ def blend_linear_term(
         "low_pass_exponent": shape["low_pass_exponent"] if filtered else None,
         "low_pass_weight": best_alpha * shape["low_pass_relative"],
     }
+
+
+def linear_term(
+    gram: np.ndarray, normalised: np.ndarray, degrees: np.ndarray, shape: dict[str, Any],
+    tapered: bool,
+) -> np.ndarray:
+    """B_ease(λ, p) + r · S(rank, β) `[items, items]` float64 of these Grams at `shape`'s
+    (`choose_shape`) values."""
+    linear = ease_from_gram(gram, shape["l2"], shape["dropout"])
+    if shape["low_pass_relative"]:
+        linear += shape["low_pass_relative"] * low_pass_from_gram(
+            normalised, degrees, shape["low_pass_rank"], shape["low_pass_exponent"], tapered)
+    return linear
 
 
 def choose_shape(

@@ -422,8 +422,8 @@ def test_data_size_rules_resolve_only_auto_fields(features_dir):
 
 
 def test_linear_blend_adds_validated_ease_to_the_trained_branch(features_dir, tmp_path):
-    """After training, B_best + α · EASE(λ, p) of the kept parts (the fold-in slice held out)
-    is what `load_trained_model` returns, and it scores the validation NDCG@10 the blend
+    """After training, B_best + α · EASE(λ, p) of every training interaction is what
+    `load_trained_model` returns (chosen with the fold-in slice held out), and it scores the validation NDCG@10 the blend
     reported."""
     from recsys_cvae.model.ease import ease_from_gram
     from recsys_cvae.training.ease_blend import gram_matrix
@@ -441,7 +441,7 @@ def test_linear_blend_adds_validated_ease_to_the_trained_branch(features_dir, tm
     model = load_trained_model(str(tmp_path))
     spec = FeatureSpec.load(features_dir)
     trained_branch = recorder.branches[result["best_epoch"] - 1]
-    closed_form = ease_from_gram(gram_matrix(model, spec, TRAIN, 64, hold_out=0.1), 20.0, 0.5)
+    closed_form = ease_from_gram(gram_matrix(model, spec, TRAIN, 64), 20.0, 0.5)
     np.testing.assert_allclose(
         model.item_item.weights_matrix.numpy(), trained_branch + 5.0 * closed_form, atol=1e-4
     )

@@ -103,8 +103,8 @@ def test_no_linear_term_without_ease_lambdas(features_dir, tmp_path):
 def test_the_chosen_term_is_added_to_the_trained_branch_and_scores_as_reported(
     features_dir, tmp_path
 ):
-    """B_best + α · (B_ease + r · S(rank, β)) of the kept parts is what `load_trained_model`
-    returns, with the filter's recorded weight γ = α · r; it scores the validation NDCG@10
+    """B_best + α · (B_ease + r · S(rank, β)), chosen on the kept parts and built from every
+    training interaction, is what `load_trained_model` returns, with the filter's recorded weight γ = α · r; it scores the validation NDCG@10
     the blend reported, and the slice chose the filter because it beat EASE alone there."""
     config = small_config(2, strategy="default")
     config.model.linear_blend_lambdas = [10.0, 100.0]
@@ -126,8 +126,8 @@ def test_the_chosen_term_is_added_to_the_trained_branch_and_scores_as_reported(
     model = load_trained_model(str(tmp_path))
     spec = FeatureSpec.load(features_dir)
     trained_branch = recorder.branches[result["best_epoch"] - 1]
-    ease = ease_from_gram(gram_matrix(model, spec, TRAIN, 64, hold_out=0.1), blend["l2"])
-    gram, degrees = normalised_gram(model, spec, TRAIN, 64, hold_out=0.1)
+    ease = ease_from_gram(gram_matrix(model, spec, TRAIN, 64), blend["l2"])
+    gram, degrees = normalised_gram(model, spec, TRAIN, 64)
     low_pass = low_pass_from_gram(gram, degrees, blend["low_pass_rank"], 0.3, tapered=True)
     np.testing.assert_allclose(
         model.item_item.weights_matrix.numpy(),
