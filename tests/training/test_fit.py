@@ -423,8 +423,8 @@ def test_data_size_rules_resolve_only_auto_fields(features_dir):
 
 def test_linear_blend_adds_validated_ease_to_the_trained_branch(features_dir, tmp_path):
     """After training, B_best + α · EASE(λ, p) of every training interaction is what
-    `load_trained_model` returns (chosen with the fold-in slice held out), and it scores the validation NDCG@10 the blend
-    reported."""
+    `load_trained_model` returns (chosen with the fold-in slice held out), and it scores
+    the validation NDCG@10 the blend reported."""
     from recsys_cvae.model.ease import ease_from_gram
     from recsys_cvae.training.ease_blend import gram_matrix
 

@@ -104,8 +104,9 @@ def test_the_chosen_term_is_added_to_the_trained_branch_and_scores_as_reported(
     features_dir, tmp_path
 ):
     """B_best + α · (B_ease + r · S(rank, β)), chosen on the kept parts and built from every
-    training interaction, is what `load_trained_model` returns, with the filter's recorded weight γ = α · r; it scores the validation NDCG@10
-    the blend reported, and the slice chose the filter because it beat EASE alone there."""
+    training interaction, is what `load_trained_model` returns, with the filter's recorded
+    weight γ = α · r; it scores the validation NDCG@10 the blend reported, and the slice
+    chose the filter because it beat EASE alone there."""
     config = small_config(2, strategy="default")
     config.model.linear_blend_lambdas = [10.0, 100.0]
     config.model.linear_blend_weights = [2.0, 5.0]
