@@ -52,6 +52,11 @@ from recsys_cvae.model.preprocessing import (
 from recsys_cvae.spec import HISTORY, FeatureSpec
 
 
+def has_item_item_branch(num_items: int, config: ModelConfig) -> bool:
+    """Whether the CVAE of this catalogue gets the item-item branch (it costs items² floats)."""
+    return 0 < num_items <= config.linear_branch_max_items
+
+
 class CVAE(ElboObjective, tf.keras.Model):
     """The conditional Mult-VAE, trained with `fit`; the ELBO lives in `ElboObjective`.
 
@@ -110,7 +115,7 @@ class CVAE(ElboObjective, tf.keras.Model):
         if config.linear_init not in ("zeros", "ease"):
             raise ValueError(f"model.linear_init must be zeros or ease, got {config.linear_init!r}")
         self.item_item = None
-        if 0 < spec.num_items <= config.linear_branch_max_items:
+        if has_item_item_branch(spec.num_items, config):
             self.item_item = ItemItemBranch(spec.num_items, config.linear_l2)
             self.linear_dropout = tf.keras.layers.Dropout(config.input_dropout)
         check_sampled_softmax(config, spec.num_items, self.item_item is not None)

@@ -33,7 +33,7 @@ import tensorflow as tf
 
 from recsys_cvae import protocols as P
 from recsys_cvae.config import Config
-from recsys_cvae.model.cvae import CVAE, build_model
+from recsys_cvae.model.cvae import CVAE, build_model, has_item_item_branch
 from recsys_cvae.model.ease import ease_from_gram
 from recsys_cvae.model.gradient_exchange import gathers_item_item, resolve_gradient_dtype
 from recsys_cvae.model.model_dir import BEST_WEIGHTS, CONFIG_FILE, METRICS_FILE, TRAINED_ON
@@ -164,7 +164,7 @@ def train(
     if data is None:
         training, validation = P.fit_splits(spec, config.train.protocol)
         data = FitData((training,), validation)
-    if fixed_blend is None and data.validation and _has_branch(spec, config):
+    if fixed_blend is None and data.validation and _chooses_blend(spec, config):
         data = dataclasses.replace(data, hold_out=config.model.linear_blend_held_out_share)
     trained_on = {**data.describe(spec), **(provenance or {})}
     run = _prepare_model_dir(strategy, features_dir, model_dir, config, trained_on)
@@ -210,11 +210,10 @@ class _RunFolders:
         return os.path.join(self.out_dir, BEST_WEIGHTS)
 
 
-def _has_branch(spec: FeatureSpec, config: Config) -> bool:
-    """Whether this run's CVAE gets a linear blend to choose (`build_model`'s rule)."""
-    settings = config.model
-    return (0 < spec.num_items <= settings.linear_branch_max_items
-            and bool(settings.linear_blend_lambdas))
+def _chooses_blend(spec: FeatureSpec, config: Config) -> bool:
+    """Whether this run's CVAE has an item-item branch and a linear blend to choose."""
+    return (has_item_item_branch(spec.num_items, config.model)
+            and bool(config.model.linear_blend_lambdas))
 
 
 def _blend(

@@ -116,12 +116,12 @@ def blend_linear_term(
         gram_matrix(model, spec, train_split, batch_size),
         normalised_gram(model, spec, train_split, batch_size))
     linear = linear_term(full_gram, full_normalised, full_degrees, shape, tapered)
-    both_logits = np.concatenate([held.logits, logits]) if truth else held.logits
-    both_inputs = np.concatenate([held.inputs, inputs]) if truth else held.inputs
+    # No validation users: `validation_arrays` returns `[0, items]` arrays, which join as none.
+    both_logits = np.concatenate([held.logits, logits])
+    both_inputs = np.concatenate([held.inputs, inputs])
     both_truth = held.truth + truth
     seen = both_inputs > 0
-    linear_scores = np.concatenate([held.inputs @ kept, inputs @ linear]) if truth \
-        else held.inputs @ kept
+    linear_scores = np.concatenate([held.inputs @ kept, inputs @ linear])
     before = validation_score(both_logits, seen, both_truth, metric)
     best_alpha, best_value = 0.0, before
     for alpha in settings.linear_blend_weights:
