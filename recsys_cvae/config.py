@@ -148,16 +148,19 @@ class ModelConfig:
         trains on a sampled softmax over the batch's history items plus N shared negatives
         (logQ-corrected; validation and serving still use the full softmax). For catalogues
         of ~100k items and more; needs the multinomial likelihood and no item-item branch.
-      attribute_lift: after training, add γ · Σ_a lift_a(i | value of a) to the logits,
-        lift = log p(i | a = v) / p(i) counted on the training users (shrunk towards
-        popularity by `attribute_lift_pseudo_users`), γ chosen on validation separately
-        for `generate` (cold) and `recommend` (warm); γ = 0 is always a candidate
+      attribute_lift: after training, add γ · Σ_a w_a · lift_a(i | value of a) to the
+        logits, lift = log p(i | a = v) / p(i) counted on the training users (shrunk towards
+        popularity by `attribute_lift_pseudo_users`); κ and the per-attribute w_a chosen on
+        the training users leave-one-out, γ on validation separately for `generate` (cold)
+        and `recommend` (warm); γ = 0 is always a candidate
         (`recsys_cvae.training.attribute_blend`).
       attribute_lift_pseudo_users: the shrinkage κ tried, in users: a segment of n users
         moves n / (n + κ) of the way from popularity to its own item distribution.
-      attribute_lift_weights: the γ tried.
+      attribute_lift_weights: the w_a and γ tried.
       attribute_lift_decoder_weights: the δ tried for `generate` (the decoder's share).
-      attribute_lift_popularity_weights: the η tried for `generate` (log-popularity's).
+      attribute_lift_popularity_weights: unused since log-popularity joined the counting
+        term (`generate` = δ · decoder + γ · (log p + Σ_a w_a lift_a)); kept so configs that
+        set it still load.
       attribute_lift_max_cells: the lift tables hold num_items × (values of every
         attribute) floats; attributes are left out, largest first, until they fit this.
       sampled_softmax_sampler: how negatives are drawn: `log_uniform` (Zipf over the

@@ -20,11 +20,13 @@ popularity for attribute-only users. A product of experts with a tempered decode
 γ = 0 is the trained model unchanged.
 
 with v_a(c) the attribute's bucket (`ConditionEncoder.bucket_indices`: a categorical value
-or OOV bucket, a numeric quantile bucket). The tables are counted after training and γ is
-chosen on validation separately for `generate` (`cold_weight`) and `recommend`
-(`warm_weight`), γ = 0 included (`recsys_cvae.training.attribute_blend`), so the term can
-only help on validation. Both live in the model's weights: checkpoints, the export and
-TF Serving carry them with no new input.
+or OOV bucket, a numeric quantile bucket). The tables are counted after training, each
+attribute's columns scaled by a weight chosen on the training users leave-one-out, and γ
+is chosen on validation separately for `generate` (`cold_weight`, with η = γ: the blend
+treats log p(i) + Σ_a lift_a as one counting term) and `recommend` (`warm_weight`), γ = 0
+included (`recsys_cvae.training.attribute_blend`), so the term can only help on validation.
+Both live in the model's weights: checkpoints, the export and TF Serving carry them with
+no new input.
 
 The table is item-major (`[num_items, buckets]`, like the decoder's output rows), so the
 chunked top-K scores a block of items from a block of rows (`catalogue_top_k`).

@@ -12,9 +12,11 @@ from recsys_cvae.training.attribute_blend import (
     _validation_arrays,
     apply_lift,
     blend_lift,
+    choose_counting_shape,
     count_buckets,
     held_out_term,
     lift_table,
+    weighted_table,
 )
 
 SMALL = ModelConfig(latent_dim=4, hidden_dims=[8], condition_dim=5)
@@ -65,8 +67,14 @@ def test_the_blend_never_lowers_validation_and_the_refit_reapplies_it(features_d
     arrays = _validation_arrays(model, spec, "validation", 64)
     lift = model.lift
     counts, counted = count_buckets(model, spec, ["train"], 64, fold_targets=False)
-    table = lift_table(counts, len(counted), lift.offsets, lift.sizes, chosen["pseudo_users"])
+    table = weighted_table(counts, len(counted), lift, chosen["pseudo_users"],
+                           chosen["attribute_weights"])
     np.testing.assert_allclose(lift.table.numpy(), table, rtol=1e-5)
+    for name, offset in lift.offsets.items():  # each attribute's columns carry its weight
+        plain = lift_table(counts, len(counted), lift.offsets, lift.sizes,
+                           chosen["pseudo_users"])[:, offset:offset + lift.sizes[name]]
+        np.testing.assert_allclose(table[:, offset:offset + lift.sizes[name]],
+                                   chosen["attribute_weights"][name] * plain, rtol=1e-5)
     assert float(lift.decoder_weight.numpy()) == chosen["decoder_weight"]
     # A fresh model given the choice (the serving refit) gets the same weights and tables.
     fresh = build_model(spec, SMALL)
@@ -75,3 +83,17 @@ def test_the_blend_never_lowers_validation_and_the_refit_reapplies_it(features_d
     np.testing.assert_allclose(fresh.lift.log_popularity.numpy(), lift.log_popularity.numpy())
     assert float(fresh.lift.cold_weight.numpy()) == chosen["cold_weight"]
     assert arrays["generate"].shape == (len(arrays["warm"]), spec.num_items)
+
+
+def test_the_counting_shape_is_chosen_on_training_users_and_beats_popularity(features_dir):
+    """The synthetic data plants taste on the attributes: counted leave-one-out on the
+    training users, some attribute must earn a weight and beat plain popularity."""
+    spec = FeatureSpec.load(features_dir)
+    model = build_model(spec, SMALL)
+    counts, counted = count_buckets(model, spec, ["train"], 64, fold_targets=False)
+    shape = choose_counting_shape(model, spec, ["train"], 64, counts, len(counted),
+                                  [3.0, 30.0], [0.5, 1.0], "ndcg@10")
+    assert set(shape["attribute_weights"]) == set(model.lift.offsets)
+    assert any(shape["attribute_weights"].values())
+    assert shape["counted_ndcg@10"] > shape["counted_ndcg@10_popularity"]
+    assert shape["pseudo_users"] in (3.0, 30.0)
