@@ -88,11 +88,16 @@ def _popularity(
 ) -> tuple[np.ndarray, float]:
     """(p(i) `[num_items]`, > 0 for every item; κ in interactions: pseudo users × mean
     history length)."""
-    first = next(iter(offsets))
-    item_counts = counts[:, offsets[first]:offsets[first] + sizes[first]].sum(axis=1)
+    item_counts = _item_counts(counts, offsets, sizes)
     total = item_counts.sum()
     popularity = (item_counts + 0.5) / (total + 0.5 * len(item_counts))
     return popularity, pseudo_users * total / max(users, 1)
+
+
+def _item_counts(counts: np.ndarray, offsets: dict[str, int], sizes: dict[str, int]) -> np.ndarray:
+    """n_i `[num_items]`: any one attribute's columns hold every counted user once."""
+    first = next(iter(offsets))
+    return counts[:, offsets[first]:offsets[first] + sizes[first]].sum(axis=1)
 
 
 def held_out_term(
@@ -195,8 +200,7 @@ def choose_counting_shape(
     own = arrays["seen"]
     truth = [set(np.flatnonzero(row).tolist()) for row in own]
     nothing = np.zeros_like(own)
-    first = next(iter(lift.offsets))
-    item_counts = counts[:, lift.offsets[first]:lift.offsets[first] + lift.sizes[first]].sum(1)
+    item_counts = _item_counts(counts, lift.offsets, lift.sizes)
     left = item_counts[None, :] - own  # everyone else's counts, per user
     base = np.log((left + 0.5) / (left.sum(axis=1, keepdims=True) + 0.5 * len(item_counts)))
     base = base.astype(np.float32)
@@ -238,14 +242,12 @@ def weighted_table(
 def blend_lift(
     model: Any, spec: FeatureSpec, train_splits: Sequence[str], validation_split: str,
     batch_size: int, pseudo_users: Sequence[float], weights: Sequence[float], metric: str,
-    decoder_weights: Sequence[float] = (1.0,), popularity_weights: Sequence[float] = (0.0,),
+    decoder_weights: Sequence[float] = (1.0,),
 ) -> dict[str, Any]:
     """Counts the tables on `train_splits`; chooses the counting term's shape (κ, w_a) on the
     training users (`choose_counting_shape`), then `generate`'s mix δ · decoder + ω · term
     and `recommend`'s γ_warm on `validation_split`'s `metric`; returns the choice and the
-    validation scores before and after. `popularity_weights` is kept for configs written
-    before the shape moved to the training users: log-popularity is now part of the term."""
-    del popularity_weights
+    validation scores before and after."""
     counts, counted = count_buckets(model, spec, train_splits, batch_size, fold_targets=False)
     users = len(counted)
     arrays = _validation_arrays(model, spec, validation_split, batch_size)

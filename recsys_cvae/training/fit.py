@@ -264,7 +264,6 @@ def _lift(
             model, spec, data.train, data.validation, config.train.batch_size,
             settings.attribute_lift_pseudo_users, settings.attribute_lift_weights,
             config.evaluate.selection_metric, settings.attribute_lift_decoder_weights,
-            settings.attribute_lift_popularity_weights,
         )
     model.save_weights(best_weights)
     return chosen

@@ -60,7 +60,7 @@ def test_the_blend_never_lowers_validation_and_the_refit_reapplies_it(features_d
     spec = FeatureSpec.load(features_dir)
     model = build_model(spec, SMALL)  # untrained: the lift and popularity must carry it
     chosen = blend_lift(model, spec, ["train"], "validation", 64, [3.0, 30.0], [0.5, 1.0],
-                        "ndcg@10", [1.0, 0.0], [0.0, 1.0])
+                        "ndcg@10", [1.0, 0.0])
     assert chosen["validation_cold_ndcg@10"] > chosen["validation_cold_ndcg@10_before"]
     assert chosen["validation_ndcg@10"] >= chosen["validation_ndcg@10_before"]
     # What the model now computes is what was scored.
