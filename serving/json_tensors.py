@@ -356,9 +356,8 @@ def _plain_string_rows(flat: list, shape: tuple[int, ...]) -> list[str] | None:
         return None
     if _ESCAPED.search(joined):
         return None
-    try:  # \x00 (absent, as checked) apart: a sequence split across values stays invalid
-        tokens = b"\x00".join(flat).decode("utf-8").split("\x00")
-    except UnicodeDecodeError:
+    tokens = _split_decoded(flat, "strict")
+    if tokens is None:  # invalid UTF-8: the general path replaces it value by value
         return None
     if len(shape) == 1:
         return ['"' + token + '"' for token in tokens]
@@ -367,13 +366,29 @@ def _plain_string_rows(flat: list, shape: tuple[int, ...]) -> list[str] | None:
             for row in range(shape[0])]
 
 
+def _split_decoded(flat: list, errors: str) -> list[str] | None:
+    """Bytes values as text in one decode of their joined bytes (a large answer has thousands
+    of item ids), or None when they are not all bytes, a value holds the separator, or (with
+    errors="strict") a value is not UTF-8. The separator is ASCII, so a sequence split across
+    values stays as invalid as it is alone."""
+    if not all(type(b) is bytes for b in flat):
+        return None
+    joined = b"\n".join(flat)
+    if joined.count(b"\n") != len(flat) - 1:
+        return None
+    try:
+        return joined.decode("utf-8", errors).split("\n")
+    except UnicodeDecodeError:
+        return None
+
+
 def _decoded(flat: list) -> list[str]:
-    """Strings as text (bytes as UTF-8, invalid sequences replaced): one decode of the
-    joined bytes when that is unambiguous, which a large answer's thousand item ids need."""
-    if all(type(b) is bytes for b in flat):
-        joined = b"\n".join(flat)
-        if joined.count(b"\n") == len(flat) - 1:  # no value holds the separator itself
-            return joined.decode("utf-8", "replace").split("\n") if flat else []
+    """Strings as text (bytes as UTF-8, invalid sequences replaced)."""
+    if not flat:
+        return []
+    tokens = _split_decoded(flat, "replace")
+    if tokens is not None:
+        return tokens
     return [b.decode("utf-8", "replace") if isinstance(b, bytes) else str(b) for b in flat]
 
 
