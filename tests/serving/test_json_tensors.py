@@ -9,10 +9,13 @@ text has neither `.` nor `e`; NaN and ±Infinity bare.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
+from tensorflow.core.framework import types_pb2
 
+from serving import json_tensors
 from serving.json_tensors import COLUMNAR, ROW, response_body
 
 
@@ -107,3 +110,44 @@ def test_string_outputs_match_json_dumps_of_the_decoded_values(values):
         np.vectorize(lambda b: b.decode("utf-8", "replace"), otypes=[object])(array).tolist(),
         ensure_ascii=False, separators=(",", ":"))
     assert response_body({"ids": array}, ROW) == f'{{"predictions":{expected}}}'.encode()
+
+
+_INPUTS = {"item_ids": types_pb2.DT_STRING, "age": types_pb2.DT_FLOAT,
+           "region": types_pb2.DT_STRING}
+
+
+@pytest.mark.parametrize("rows", [
+    [{"item_ids": ["m1", "m2"], "age": 30, "region": "north"},
+     {"item_ids": ["m3", "é"], "age": 41.5, "region": "south"}],   # plain: read by column
+    [{"item_ids": ["m1"], "age": 1e39, "region": "n"}],             # out of float32's range
+    [{"item_ids": ["m1"], "age": True, "region": "n"}],             # a bool for a float
+    [{"item_ids": ["m1"], "age": float("nan"), "region": "n"},
+     {"item_ids": ["m2"], "age": 1e39, "region": "s"}],             # NaN, then out of range
+    [{"item_ids": ["m1"], "age": float("nan"), "region": "n"},
+     {"item_ids": ["m2"], "age": float("inf"), "region": "s"}],     # non-finite: accepted
+    [{"item_ids": ["m1"], "age": None, "region": "n"}],             # null for a float
+    [{"item_ids": ["m1"], "age": 3, "region": {"b64": "bm9ydGg="}}],  # b64 string
+    [{"item_ids": ["m1", "m2"], "age": 3, "region": "n"},
+     {"item_ids": ["m3"], "age": 4, "region": "s"}],                # ragged histories
+    [{"item_ids": [], "age": 3, "region": "n"}],                    # an empty list
+    [{"item_ids": [["m1"]], "age": 3, "region": "n"}],              # one level too deep
+    [{"item_ids": ["m1"], "age": 3}],                               # a key missing
+    [{"item_ids": ["m1"], "age": 3, "region": "n", "zip": "x"}],    # a key too many
+    [{"item_ids": "m1", "age": [3], "region": "n"},
+     {"item_ids": ["m2"], "age": 4, "region": "s"}],                # scalar and list mixed
+])
+def test_column_reading_answers_as_the_value_by_value_reading(rows):
+    # The column-at-a-time fast path must accept only what FillTensorMapFromInstancesList
+    # accepts, with the same arrays; anything else falls to the checked path and its messages.
+    try:
+        expected = json_tensors._checked_instances(rows, _INPUTS)
+    except json_tensors.JsonTensorError as error:
+        assert json_tensors._plain_instances(rows, _INPUTS) is None
+        with pytest.raises(json_tensors.JsonTensorError, match=re.escape(str(error))):
+            json_tensors.request_tensors({"instances": rows}, _INPUTS)
+        return
+    arrays, form = json_tensors.request_tensors({"instances": rows}, _INPUTS)
+    assert form == ROW and arrays.keys() == expected.keys()
+    for name, array in arrays.items():
+        assert array.dtype == expected[name].dtype
+        np.testing.assert_array_equal(array, expected[name])
