@@ -163,6 +163,9 @@ class ModelConfig:
         set it still load.
       attribute_lift_max_cells: the lift tables hold num_items × (values of every
         attribute) floats; attributes are left out, largest first, until they fit this.
+      attribute_lift_coarse_buckets: each bucketised numeric attribute is also counted with
+        its quantile buckets merged into this many (0: not), its weight chosen with the
+        others'; thin fine buckets are what it answers (`attribute_lift.coarse_buckets`).
       sampled_softmax_sampler: how negatives are drawn: `log_uniform` (Zipf over the
         vocabulary's most-frequent-first order, a popularity proxy) or `uniform`.
     """
@@ -216,6 +219,7 @@ class ModelConfig:
         default_factory=lambda: [0.0, 0.5, 1.0]
     )
     attribute_lift_max_cells: int = 50_000_000
+    attribute_lift_coarse_buckets: int = 4
 
 
 @dataclasses.dataclass

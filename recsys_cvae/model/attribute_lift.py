@@ -44,8 +44,12 @@ class AttributeLift(tf.keras.layers.Layer):
     """γ · Σ_a lift_a[v_a] `[batch, num_items]` from the attributes' bucket indices.
 
     Args:
-      sizes: attribute name → number of buckets, in the order of the table's columns.
+      sizes: attribute name → number of buckets, in the order of the table's columns
+        (coarse columns included).
       num_items: the catalogue's size.
+      coarse: column name → (attribute, fine bucket → coarse bucket): a numeric attribute
+        counted again at a coarser resolution (`coarse_buckets`), derived here from the
+        attribute's own bucket so the serving signature is unchanged.
 
     Weights (non-trainable, set by `attribute_blend`): `table` `[num_items, Σ sizes]`,
     `log_popularity` `[num_items]`, the scalars `cold_weight` (γ_c), `warm_weight` (γ_w),
@@ -53,9 +57,14 @@ class AttributeLift(tf.keras.layers.Layer):
     the logits are the decoder's.
     """
 
-    def __init__(self, sizes: Mapping[str, int], num_items: int, **kwargs: Any) -> None:
+    def __init__(
+        self, sizes: Mapping[str, int], num_items: int,
+        coarse: Mapping[str, tuple[str, list[int]]] | None = None, **kwargs: Any,
+    ) -> None:
         super().__init__(dtype="float32", **kwargs)
         self.sizes = dict(sizes)
+        self.coarse = {name: (source, list(mapping))
+                       for name, (source, mapping) in (coarse or {}).items()}
         self.num_items = num_items
         self.offsets, total = {}, 0
         for name, size in self.sizes.items():
@@ -84,10 +93,17 @@ class AttributeLift(tf.keras.layers.Layer):
     def multi_hot(self, buckets: Mapping[str, tf.Tensor]) -> tf.Tensor:
         """`[batch, Σ sizes]` float32: one 1 per attribute, at its bucket's column."""
         columns = tf.stack(
-            [tf.cast(buckets[name], tf.int32) + offset for name, offset in self.offsets.items()],
+            [tf.cast(self._bucket(buckets, name), tf.int32) + offset
+             for name, offset in self.offsets.items()],
             axis=1,
         )  # [batch, attributes]
         return tf.reduce_sum(tf.one_hot(columns, self.num_buckets), axis=1)
+
+    def _bucket(self, buckets: Mapping[str, tf.Tensor], name: str) -> tf.Tensor:
+        if name not in self.coarse:
+            return buckets[name]
+        source, mapping = self.coarse[name]
+        return tf.gather(tf.constant(mapping, tf.int64), tf.cast(buckets[source], tf.int64))
 
     def state(self, buckets: Mapping[str, tf.Tensor], cold: bool) -> tf.Tensor:
         """γ · multi-hot `[batch, Σ sizes]`: the logits' term is this · tableᵀ."""
@@ -110,7 +126,8 @@ class AttributeLift(tf.keras.layers.Layer):
                 + self.popularity_weight * self.log_popularity + lifted)
 
     def get_config(self) -> dict[str, Any]:
-        config = {**super().get_config(), "sizes": self.sizes, "num_items": self.num_items}
+        config = {**super().get_config(), "sizes": self.sizes, "num_items": self.num_items,
+                  "coarse": self.coarse}
         config.pop("dtype", None)
         return config
 
@@ -124,3 +141,29 @@ def lift_sizes(
     while sizes and num_items * sum(sizes.values()) > max_cells:
         del sizes[max(sizes, key=lambda name: (sizes[name], name))]
     return sizes
+
+
+def coarse_buckets(
+    attributes: list[Mapping[str, Any]], covered: Mapping[str, int], groups: int
+) -> dict[str, tuple[str, list[int]]]:
+    """`name/groups` → (name, fine → coarse bucket) for every bucketised numeric attribute
+    the lift covers with more than `groups` value buckets: adjacent quantile buckets merged
+    into `groups`, the NaN bucket kept apart (index `groups`).
+
+    Why: the spec's ten quantile buckets suit the condition encoder, but counted per bucket
+    they are thin (ML-100K: ~85 training users each). Which resolution the counts can carry
+    is left to the leave-one-out shape choice, which weighs each column group on its own.
+    Measured offline on six ML-100K splits (counting term alone, shape chosen leave-one-out):
+    age in deciles 0.5416 cold NDCG@10, deciles with their quartile merge 0.5474.
+    """
+    maps = {}
+    if groups < 2:
+        return maps
+    for attribute in attributes:
+        name, boundaries = attribute["name"], attribute.get("boundaries") or []
+        values = len(boundaries) + 1  # buckets of known values; one more for NaN
+        if attribute["kind"] != "numeric" or name not in covered or values <= groups:
+            continue
+        maps[f"{name}/{groups}"] = (name, [b * groups // values for b in range(values)]
+                                    + [groups])
+    return maps

@@ -38,7 +38,7 @@ from typing import Any
 import tensorflow as tf
 
 from recsys_cvae.config import ModelConfig
-from recsys_cvae.model.attribute_lift import AttributeLift, lift_sizes
+from recsys_cvae.model.attribute_lift import AttributeLift, coarse_buckets, lift_sizes
 from recsys_cvae.model.layers import ConditionalPrior, Decoder, Encoder, ItemItemBranch
 from recsys_cvae.model.losses import LIKELIHOODS, reparametrise
 from recsys_cvae.model.objective import ElboObjective, check_sampled_softmax
@@ -101,7 +101,9 @@ class CVAE(ElboObjective, tf.keras.Model):
                 spec.num_items, config.attribute_lift_max_cells,
             )
             if config.attribute_lift and sizes:
-                self.lift = AttributeLift(sizes, spec.num_items)
+                coarse = coarse_buckets(attributes, sizes, config.attribute_lift_coarse_buckets)
+                sizes.update({name: len(set(m)) for name, (_, m) in coarse.items()})
+                self.lift = AttributeLift(sizes, spec.num_items, coarse)
         if config.likelihood not in LIKELIHOODS:
             raise ValueError(
                 f"model.likelihood must be one of {list(LIKELIHOODS)}, got {config.likelihood!r}"

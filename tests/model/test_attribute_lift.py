@@ -6,7 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from recsys_cvae.config import ModelConfig
-from recsys_cvae.model.attribute_lift import AttributeLift, lift_sizes
+from recsys_cvae.model.attribute_lift import AttributeLift, coarse_buckets, lift_sizes
 from recsys_cvae.model.catalogue_top_k import catalogue_top_k
 from recsys_cvae.model.cvae import build_model
 from tests.builders import write_tiny_features
@@ -34,6 +34,21 @@ def test_the_lift_adds_its_weighted_bucket_columns():
     expected = 0.5 * np.stack([table[:, [1, 4]].sum(1), table[:, [0, 2]].sum(1)])
     np.testing.assert_allclose(lift(buckets, cold=True).numpy(), expected)
     np.testing.assert_allclose(lift(buckets, cold=False).numpy(), 0.0)  # warm weight is 0
+
+
+def test_numeric_attributes_are_also_counted_in_merged_buckets():
+    # ten quantile buckets (nine boundaries) and NaN -> four merged buckets and NaN
+    attributes = [{"name": "age", "kind": "numeric", "boundaries": list(range(9))},
+                  {"name": "tenure", "kind": "numeric", "boundaries": [1.0, 2.0]},
+                  {"name": "region", "kind": "categorical", "vocabulary": ["n", "s"]}]
+    coarse = coarse_buckets(attributes, {"age": 11, "tenure": 4, "region": 3}, groups=4)
+    assert coarse == {"age/4": ("age", [0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 4])}  # tenure: 3 ≤ 4
+    assert coarse_buckets(attributes, {"region": 3}, groups=4) == {}  # age not covered
+    assert coarse_buckets(attributes, {"age": 11}, groups=0) == {}
+    lift = AttributeLift({"age": 11, "age/4": 5}, num_items=2, coarse=coarse)
+    hot = lift.multi_hot({"age": tf.constant([0, 4, 9, 10], tf.int64)}).numpy()
+    assert [list(np.flatnonzero(row)) for row in hot] == [[0, 11], [4, 12], [9, 14], [10, 15]]
+    assert AttributeLift.from_config(lift.get_config()).coarse == lift.coarse
 
 
 def test_generate_and_recommend_carry_their_own_weights(tmp_path):
