@@ -143,6 +143,21 @@ def lift_sizes(
     return sizes
 
 
+def lift_columns(
+    attributes: list[Mapping[str, Any]], bucket_counts: Mapping[str, int], num_items: int,
+    max_cells: int, groups: int,
+) -> tuple[dict[str, int], dict[str, tuple[str, list[int]]]]:
+    """(`sizes`, `coarse`) for `AttributeLift`: the attributes `lift_sizes` keeps, then each
+    `coarse_buckets` column group that still fits num_items × Σ sizes ≤ max_cells."""
+    sizes = lift_sizes(bucket_counts, num_items, max_cells)
+    coarse = {}
+    for name, (source, mapping) in coarse_buckets(attributes, sizes, groups).items():
+        size = len(set(mapping))
+        if num_items * (sum(sizes.values()) + size) <= max_cells:
+            sizes[name], coarse[name] = size, (source, mapping)
+    return sizes, coarse
+
+
 def coarse_buckets(
     attributes: list[Mapping[str, Any]], covered: Mapping[str, int], groups: int
 ) -> dict[str, tuple[str, list[int]]]:

@@ -38,7 +38,7 @@ from typing import Any
 import tensorflow as tf
 
 from recsys_cvae.config import ModelConfig
-from recsys_cvae.model.attribute_lift import AttributeLift, coarse_buckets, lift_sizes
+from recsys_cvae.model.attribute_lift import AttributeLift, lift_columns
 from recsys_cvae.model.layers import ConditionalPrior, Decoder, Encoder, ItemItemBranch
 from recsys_cvae.model.losses import LIKELIHOODS, reparametrise
 from recsys_cvae.model.objective import ElboObjective, check_sampled_softmax
@@ -96,13 +96,12 @@ class CVAE(ElboObjective, tf.keras.Model):
             )
             if config.conditional_prior:
                 self.prior = ConditionalPrior(config.latent_dim)
-            sizes = lift_sizes(
-                {a["name"]: bucket_count(a) for a in attributes},
+            sizes, coarse = lift_columns(
+                attributes, {a["name"]: bucket_count(a) for a in attributes},
                 spec.num_items, config.attribute_lift_max_cells,
+                config.attribute_lift_coarse_buckets,
             )
             if config.attribute_lift and sizes:
-                coarse = coarse_buckets(attributes, sizes, config.attribute_lift_coarse_buckets)
-                sizes.update({name: len(set(m)) for name, (_, m) in coarse.items()})
                 self.lift = AttributeLift(sizes, spec.num_items, coarse)
         if config.likelihood not in LIKELIHOODS:
             raise ValueError(

@@ -6,7 +6,12 @@ import numpy as np
 import tensorflow as tf
 
 from recsys_cvae.config import ModelConfig
-from recsys_cvae.model.attribute_lift import AttributeLift, coarse_buckets, lift_sizes
+from recsys_cvae.model.attribute_lift import (
+    AttributeLift,
+    coarse_buckets,
+    lift_columns,
+    lift_sizes,
+)
 from recsys_cvae.model.catalogue_top_k import catalogue_top_k
 from recsys_cvae.model.cvae import build_model
 from tests.builders import write_tiny_features
@@ -49,6 +54,11 @@ def test_numeric_attributes_are_also_counted_in_merged_buckets():
     hot = lift.multi_hot({"age": tf.constant([0, 4, 9, 10], tf.int64)}).numpy()
     assert [list(np.flatnonzero(row)) for row in hot] == [[0, 11], [4, 12], [9, 14], [10, 15]]
     assert AttributeLift.from_config(lift.get_config()).coarse == lift.coarse
+    # the merged columns count against the tables' budget like any attribute
+    counts = {"age": 11, "tenure": 4, "region": 3}
+    assert lift_columns(attributes, counts, 10, 230, 4) == (
+        {"age": 11, "tenure": 4, "region": 3, "age/4": 5}, coarse)
+    assert lift_columns(attributes, counts, 10, 229, 4) == (counts, {})
 
 
 def test_generate_and_recommend_carry_their_own_weights(tmp_path):
